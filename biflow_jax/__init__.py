@@ -1,0 +1,1 @@
+"""biflow_jax: Bidirectional Normalizing Flows in JAX/Flax."""
