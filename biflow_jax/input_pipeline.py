@@ -1,0 +1,159 @@
+"""TFDS + tf.data input: per-process shards, deterministic resumable order, global arrays.
+
+The order of training batches is a pure function of (seed, position): epoch e is the
+process's shard shuffled with seed (seed, e), and a run resumed at batch `position`
+rebuilds the stream from that epoch and skips the rest of it, so it sees exactly the
+batches an uninterrupted run would. Images stay uint8 until the device; noise and
+dequantisation happen inside the jitted step.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+# tf.data must not grab the accelerator or all host threads JAX needs.
+tf.config.set_visible_devices([], "GPU")
+
+BUILTIN = "digits"
+
+
+class DataError(ValueError):
+    """A dataset, split or data_dir that cannot be used; the message says which."""
+
+
+def _builder(data_cfg: Any) -> tfds.core.DatasetBuilder:
+    data_dir = data_cfg.get("data_dir") or None
+    if data_cfg.name == BUILTIN:
+        from biflow_jax.digits_builder import SklearnDigits
+
+        builder = SklearnDigits(data_dir=data_dir)
+        builder.download_and_prepare()  # offline: built from scikit-learn on first use
+        return builder
+    if data_cfg.name == "folder":
+        if not data_cfg.get("folder") or not os.path.isdir(data_cfg.folder):
+            raise DataError(f"data.folder={data_cfg.get('folder')!r} is not a directory "
+                            "(expected FOLDER/<split>/<class>/<image files>)")
+        return tfds.folder_dataset.ImageFolder(data_cfg.folder)
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise DataError(f"data.data_dir={data_dir!r} does not exist")
+    try:
+        builder = tfds.builder(data_cfg.name, data_dir=data_dir)
+    except Exception as e:  # unknown name: tfds raises a registry error
+        raise DataError(f"unknown dataset data.name={data_cfg.name!r}: {e}") from e
+    if not builder.is_prepared():
+        raise DataError(f"dataset {data_cfg.name!r} is not prepared in data_dir={builder.data_dir!r}; "
+                        "this code never downloads: prepare it there first (tfds build / manual_dir)")
+    return builder
+
+
+def dataset_info(data_cfg: Any) -> dict[str, Any]:
+    """Sizes of the splits, used for epochs and eval."""
+    builder = _builder(data_cfg)
+    return {"num_examples": {k: v.num_examples for k, v in builder.info.splits.items()}}
+
+
+def _source(data_cfg: Any, split: str) -> tf.data.Dataset:
+    """This process's shard of `split`, in a fixed order, as (image uint8, label) pairs."""
+    builder = _builder(data_cfg)
+    if split not in builder.info.splits:
+        raise DataError(f"split {split!r} not in dataset {data_cfg.name!r} (has {sorted(builder.info.splits)})")
+    shard = tfds.split_for_jax_process(split, drop_remainder=True)
+    if data_cfg.name == "folder":
+        ds = builder.as_dataset(split=shard, shuffle_files=False)
+    else:
+        ds = builder.as_dataset(split=shard, shuffle_files=False,
+                                read_config=tfds.ReadConfig(interleave_cycle_length=1))
+    label_key = data_cfg.get("label_key", "label")
+    return ds.map(lambda ex: (ex["image"], tf.cast(ex.get(label_key, -1), tf.int32)))
+
+
+def _resize(image: tf.Tensor, size: int, channels: int) -> tf.Tensor:
+    """Center-crop to a square and resize (area filter when shrinking), back to uint8."""
+    image = image[..., :channels] if image.shape[-1] and image.shape[-1] > channels else image
+    if image.shape[-1] == 1 and channels == 3:
+        image = tf.image.grayscale_to_rgb(image)
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    side = tf.minimum(h, w)
+    image = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
+    image = tf.image.resize(image, (size, size), method="area", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def train_batches(config: Any, position: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Infinite iterator of this process's training batches, starting at batch `position`."""
+    data, seed = config.data, config.train.seed
+    local_batch = local_batch_size(config.train.batch_size)
+    source = _source(data, data.train_split)
+    size = int(source.cardinality().numpy())
+    if size < local_batch:
+        raise DataError(f"the training split has {size} examples per process, fewer than a batch ({local_batch})")
+    per_epoch = size // local_batch  # whole batches per epoch; the tail of each epoch is dropped
+    start_epoch, offset = divmod(position, per_epoch)
+    shuffle_buffer = min(size, data.get("shuffle_buffer", 50_000))
+
+    def epoch(e):
+        ds = source.shuffle(shuffle_buffer, seed=tf.cast(seed, tf.int64) * 1_000_003 + e,
+                            reshuffle_each_iteration=False)
+        ds = ds.batch(local_batch, drop_remainder=True)
+        return ds.map(lambda img, lab: (img, lab, tf.fill([local_batch], e)))
+
+    ds = tf.data.Dataset.range(start_epoch, 1 << 40).flat_map(epoch).skip(offset)
+    ds = ds.unbatch().enumerate(start=position * local_batch)
+
+    def prepare(index, example):
+        image, label, _ = example
+        image = _resize(image, data.image_size, data.channels)
+        if data.get("random_flip", False):
+            image = tf.image.stateless_random_flip_left_right(
+                image, seed=tf.stack([tf.cast(seed, tf.int64), index]))
+        return {"image": image, "label": label}
+
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.as_numpy_iterator()
+
+
+def eval_batches(config: Any, split: str | None = None,
+                 batch_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over a split, padded to whole batches; `mask` marks the real examples."""
+    data = config.data
+    local_batch = local_batch_size(batch_size or config.train.eval_batch_size)
+    ds = _source(data, split or data.test_split)
+    ds = ds.map(lambda img, lab: {"image": _resize(img, data.image_size, data.channels), "label": lab,
+                                  "mask": tf.constant(True)})
+    ds = ds.padded_batch(local_batch).prefetch(tf.data.AUTOTUNE)  # variable last batch, padded below
+    for batch in ds.as_numpy_iterator():
+        n = len(batch["label"])
+        if n < local_batch:
+            pad = local_batch - n
+            batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+        yield batch
+
+
+def split_arrays(config: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split (this process's shard) as numpy arrays: small datasets and baselines only."""
+    images, labels = [], []
+    for batch in eval_batches(config, split, batch_size=jax.process_count() * 256):
+        keep = batch["mask"]
+        images.append(batch["image"][keep])
+        labels.append(batch["label"][keep])
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def local_batch_size(global_batch: int) -> int:
+    if global_batch % jax.process_count():
+        raise ValueError(f"batch size {global_batch} is not divisible by the process count {jax.process_count()}")
+    return global_batch // jax.process_count()
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """Process-local numpy batch -> global jax.Arrays sharded over the mesh's batch axis."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -1,0 +1,271 @@
+"""Training loop for the forward flow: one jitted step on a device mesh, Orbax, clu metrics.
+
+The step is written once, per device, with named-axis collectives over the batch
+axis 'data'; `make_train_step` wraps it in `shard_map` under `jit` (the default, for
+TPU pods and GPUs). Every example draws its noise from a key folded with its global
+index, so results do not depend on how the batch is split over devices.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from biflow_jax import checkpoint, input_pipeline, likelihood
+from biflow_jax.config_checks import validate_config
+from biflow_jax.models.gaussian import DiagonalGaussian
+from biflow_jax.models.tarflow import build_flow, count_params
+
+AXIS = "data"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    nonfinite: jax.Array  # steps whose loss was not finite since the start
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup from init_lr, then cosine decay to end_lr (ml-tarflow's schedule)."""
+    o, steps = config.optim, config.train.steps
+    warmup = optax.linear_schedule(o.init_lr, o.lr, max(o.warmup_steps, 1))
+    decay_steps = max(steps - o.warmup_steps, 1)
+    cosine = optax.cosine_decay_schedule(o.lr, decay_steps, alpha=o.end_lr / o.lr if o.lr else 0.0)
+    return optax.join_schedules([warmup, cosine], [o.warmup_steps])
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    o = config.optim
+    parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+    parts.append(optax.adamw(make_schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+    return optax.chain(*parts)
+
+
+def make_mesh(devices: Any = None) -> Mesh:
+    """A 1-D mesh over every device of every process; the batch is split along it."""
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    return Mesh(devices.reshape(-1), (AXIS,))
+
+
+def example_keys(rng: jax.Array, index: jax.Array) -> jax.Array:
+    """One key per example from its global index: the same noise on 1 or 1000 devices."""
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
+
+
+def flow_objective(model, config: ml_collections.ConfigDict) -> Callable:
+    """loss_fn(params, batch, rng, index) -> (NLL per dim, metrics) for a batch of uint8 images."""
+    t = config.train
+
+    def loss_fn(params, batch, rng, index):
+        keys = jax.vmap(lambda k: jax.random.split(k, 2))(example_keys(rng, index))
+        x = jax.vmap(lambda k, im: likelihood.augment(k, im, t.noise, t.noise_std))(keys[:, 0], batch["image"])
+        y = None
+        if config.model.num_classes:
+            drop = jax.vmap(lambda k: jax.random.uniform(k) < t.label_drop)(keys[:, 1])
+            y = jnp.where(drop, -1, batch["label"])
+        out = model.apply(params, x, y)
+        loss = likelihood.nll_loss(out.z, out.logdets)
+        return loss, {"loss": loss, "logdet": jnp.mean(jnp.sum(out.logdets, -1)),
+                      "z_sq": jnp.mean(jnp.square(out.z))}
+
+    return loss_fn
+
+
+def device_step(state: TrainState, batch: dict, *, loss_fn: Callable, optimizer, ema_decay: float,
+                seed: int) -> tuple[TrainState, dict]:
+    """One optimisation step on this device's slice of the batch; gradients are averaged over AXIS."""
+    n = batch["image"].shape[0]
+    index = jax.lax.axis_index(AXIS) * n + jnp.arange(n)
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, index)
+    grads = jax.lax.pmean(grads, AXIS)
+    metrics = jax.lax.pmean(metrics, AXIS)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))  # warm up the average
+    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    bad = jnp.logical_not(jnp.isfinite(jax.lax.pmean(loss, AXIS))).astype(jnp.int32)
+    return TrainState(state.step + 1, params, opt_state, ema, state.nonfinite + bad), metrics
+
+
+def make_train_step(loss_fn: Callable, optimizer, config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
+    """The jitted step: state replicated, batch split over the mesh, state buffers donated."""
+    step = functools.partial(device_step, loss_fn=loss_fn, optimizer=optimizer,
+                             ema_decay=config.train.ema_decay, seed=config.train.seed)
+    backend = config.parallel.backend
+    if backend == "jit":
+        sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
+        return jax.jit(sharded, donate_argnums=0)
+    raise ValueError(f"parallel.backend={backend!r} is not supported (use 'jit')")
+
+
+def init_state(model, optimizer, config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
+    """Fresh parameters, replicated over the mesh."""
+    replicated = NamedSharding(mesh, P())
+
+    @functools.partial(jax.jit, out_shardings=replicated)
+    def init():
+        params = model.init(jax.random.key(config.train.seed), *checkpoint.example_inputs(config))
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), params,
+                          jnp.zeros((), jnp.int32))
+
+    return init()
+
+
+def make_eval_fn(apply_fn: Callable, mesh: Mesh, seed: int) -> Callable:
+    """Jitted per-example bits/dim of a batch under uniform dequantisation (fixed noise).
+
+    apply_fn(params, x, y) -> (z, logdets): the flow, or any baseline with the same outputs.
+    """
+    batch_sharding = NamedSharding(mesh, P(AXIS))
+
+    @functools.partial(jax.jit, in_shardings=(None, batch_sharding, batch_sharding, None))
+    def bpd(params, images, labels, offset):
+        index = offset + jnp.arange(images.shape[0])
+        keys = example_keys(jax.random.key(seed + 7919), index)
+        x = jax.vmap(likelihood.uniform_dequantize)(keys, images)
+        z, logdets = apply_fn(params, x, labels)
+        return likelihood.bits_per_dim(z, logdets)
+
+    return bpd
+
+
+def flow_apply(model) -> Callable:
+    def apply(params, x, y):
+        out = model.apply(params, x, y if model.num_classes else None)
+        return out.z, out.logdets
+
+    return apply
+
+
+def evaluate_bpd(bpd_fn: Callable, config: ml_collections.ConfigDict, mesh: Mesh, params: Any,
+                 split: str | None = None) -> float:
+    """Mean test bits/dim over a whole split."""
+    sharding = NamedSharding(mesh, P(AXIS))
+    total, count, offset = 0.0, 0, 0
+    for batch in input_pipeline.eval_batches(config, split):
+        g = input_pipeline.to_global(batch, sharding)
+        values = np.asarray(jax.device_get(bpd_fn(params, g["image"], g["label"], offset)))
+        mask = np.asarray(jax.device_get(g["mask"]))
+        total += float(values[mask].sum())
+        count += int(mask.sum())
+        offset += len(mask)
+    return total / max(count, 1)
+
+
+def gaussian_baseline_bpd(config: ml_collections.ConfigDict, mesh: Mesh) -> float:
+    """Bits/dim of a diagonal Gaussian fitted to the dequantised training set, same eval path."""
+    images, _ = input_pipeline.split_arrays(config, config.data.train_split)
+    x = likelihood.uniform_dequantize(jax.random.key(config.train.seed), jnp.asarray(images))
+    baseline = DiagonalGaussian.fit(np.asarray(x), config.model.patch_size)
+    bpd_fn = make_eval_fn(lambda params, x, y: baseline(x), mesh, config.train.seed)
+    return evaluate_bpd(bpd_fn, config, mesh, {})
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train (or resume) the run in `workdir`; returns the final metrics."""
+    validate_config(config)
+    mesh = make_mesh()
+    model = build_flow(config.model)
+    optimizer = make_optimizer(config)
+    is_main = jax.process_index() == 0
+
+    # Resume from the workdir if it holds a run of the same model.
+    mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
+    latest = mngr.latest_step()
+    if latest is not None:
+        saved = checkpoint.read_config(workdir)
+        diffs = checkpoint.section_differences(saved.model, config.model, "model.")
+        diffs += checkpoint.section_differences({"name": saved.data.name}, {"name": config.data.name}, "data.")
+        if diffs:
+            raise ValueError(f"workdir {workdir!r} holds a run of another configuration: " + "; ".join(diffs))
+    checkpoint.write_config(workdir, config)
+    state = init_state(model, optimizer, config, mesh)
+    if latest is not None:
+        params, ema, opt_state, meta = checkpoint.restore(mngr, latest, state.params, state.ema_params,
+                                                          state.opt_state)
+        state = TrainState(jnp.asarray(meta["step"], jnp.int32), params, opt_state, ema, jnp.zeros((), jnp.int32))
+        logging.info("resumed from step %d", meta["step"])
+    start = int(state.step)
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+    if start == 0:
+        writer.write_hparams({"num_params": count_params(state.params), **flat_config(config)})
+    report = periodic_actions.ReportProgress(num_train_steps=config.train.steps, writer=writer)
+    train_step = make_train_step(flow_objective(model, config), optimizer, config, mesh)
+    bpd_fn = make_eval_fn(flow_apply(model), mesh, config.train.seed)
+    batch_sharding = NamedSharding(mesh, P(AXIS))
+    batches = input_pipeline.train_batches(config, position=start)
+    say(f"training {count_params(state.params):,} params from step {start} to {config.train.steps} "
+        f"on {jax.device_count()} device(s)")
+
+    results: dict[str, float] = {}
+    for step in range(start + 1, config.train.steps + 1):
+        batch = input_pipeline.to_global(next(batches), batch_sharding)
+        state, metrics = train_step(state, batch)
+        report(step)
+        if step % config.train.log_every == 0 or step == config.train.steps:
+            metrics = jax.device_get(metrics)  # the loop's only host sync, besides eval and saving
+            check_finite(state, step)
+            writer.write_scalars(step, metrics)
+            say(f"step {step}: loss {metrics['loss']:.4f} grad_norm {metrics['grad_norm']:.3f}")
+        if step % config.train.eval_every == 0 or step == config.train.steps:
+            results["test_bpd"] = evaluate_bpd(bpd_fn, config, mesh, state.ema_params)
+            writer.write_scalars(step, {"test_bpd_ema": results["test_bpd"]})
+            say(f"step {step}: test bits/dim (EMA) {results['test_bpd']:.4f}")
+        if step % config.train.checkpoint_every == 0 or step == config.train.steps:
+            check_finite(state, step)
+            checkpoint.save(mngr, step, state.params, state.ema_params, state.opt_state, data_position=step)
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.flush()
+    results["final_loss"] = float(jax.device_get(metrics["loss"])) if start < config.train.steps else math.nan
+    return results
+
+
+def check_finite(state: TrainState, step: int) -> None:
+    if int(jax.device_get(state.nonfinite)):
+        raise TrainingError(f"the loss became NaN/inf before step {step}; stopping without saving "
+                            "(the last good checkpoint is kept). Lower optim.lr or set optim.grad_clip.")
+
+
+def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    out = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, (dict, ml_collections.ConfigDict)):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    walk(config, "")
+    return out
+
+
+def say(message: str) -> None:
+    """Progress for a person at the console (process 0 only)."""
+    if jax.process_index() == 0:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    logging.info(message)
