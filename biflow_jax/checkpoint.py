@@ -91,6 +91,8 @@ def load_flow(workdir: str, ema: bool = True):
     model = build_flow(config.model)
     expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example_inputs(config)))
     restored = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))[item]
+    if "flow" in restored:  # objectives that train more than the flow keep it under "flow"
+        restored = restored["flow"]
     check_tree(expected, restored, f"checkpoint {workdir!r} step {step}")
     mngr.close()
     return config, model, restored

@@ -34,7 +34,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
-    if FLAGS["verbosity"].using_default_value:
+    if not any(a.startswith(("-v", "--v")) for a in sys.argv[1:]):
         logging.set_verbosity(logging.WARNING)  # Orbax and TFDS are chatty at INFO; -v 0 brings it back
     distributed.initialize()
     from biflow_jax.checkpoint import CONFIG_FILE  # noqa: F401  (imports jax after distributed init)
