@@ -1,0 +1,113 @@
+"""Using a trained BiFlow pair (F, G): 1-NFE sampling, noise-space inpainting, class editing.
+
+Inpainting and class editing need no training (PAPERS.md section 3): F maps an image
+to noise, the noise is edited, G maps it back in one pass.
+
+`forward_apply(images, y) -> z tokens` and `reverse_apply(z, y) -> image tokens` are
+plain callables with the parameters bound, so these functions work with any
+checkpoint loader; `flow_encoder` and `reverse_decoder` build them. Outputs are not
+clipped: in latent space the "images" are unbounded VAE latents; clip pixel images to
+[-1, 1] before saving them.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from biflow_jax.models.reverse import ReverseViT
+from biflow_jax.models.tarflow import TARFlow, patchify, unpatchify
+
+Array = jax.Array
+
+
+def token_images(patch_size: int, img_size: int, channels: int) -> Callable[[Array], Array]:
+    """tokens (N, T, D) -> images (N, H, W, C), the flow's `unpatchify` for one image shape."""
+    return partial(unpatchify, patch_size=patch_size, height=img_size, width=img_size, channels=channels)
+
+
+@partial(jax.jit, static_argnames=("model", "to_images"))
+def one_nfe_sample(model: ReverseViT, params: Any, z: Array, y: Array | None, w: Array | float | None = None, *,
+                   to_images: Callable[[Array], Array], cfg_scale: Array | float | None = None) -> Array:
+    """Images from noise tokens z (N, T, D) with one pass of G (two with `cfg_scale`).
+
+    `w` is the trained-in guidance scale (training-time CFG, still 1 NFE).
+    `cfg_scale` turns on inference-time CFG per stage: conditional and unconditional
+    branches run as one doubled batch and their hidden states are mixed,
+    (1+s) h_c - s h_u, after every stage (see `ReverseViT.__call__`). Mixing only the
+    final output would be the cheaper alternative; the paper's rule is per stage.
+    `model` and `to_images` are static: build `to_images` once (`token_images`) and
+    reuse it, or every call compiles again.
+    """
+    out = model.apply(params, z, y, w, cfg_scale=cfg_scale)
+    return to_images(out.image_tokens)
+
+
+def flow_encoder(flow: TARFlow, params: Any) -> Callable[[Array, Array | None], Array]:
+    """F as `(images, y) -> z tokens`."""
+    return jax.jit(lambda x, y: flow.apply(params, x, y).z)
+
+
+def reverse_decoder(model: ReverseViT, params: Any, w: Array | float | None = None,
+                    cfg_scale: Array | float | None = None) -> Callable[[Array, Array | None], Array]:
+    """G as `(z, y) -> image tokens` at a fixed guidance setting."""
+    return jax.jit(lambda z, y: model.apply(params, z, y, w, cfg_scale=cfg_scale).image_tokens)
+
+
+def token_mask(mask: Array, patch_size: int) -> Array:
+    """Image-space known-mask (N, H, W[, C]) or (H, W) -> token mask (N or 1, T, 1), boolean.
+
+    A token counts as known only if every pixel (and channel) it covers is known: a
+    partly known patch is regenerated, so no unknown pixel is ever copied from z.
+    """
+    mask = jnp.asarray(mask, bool)
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim == 3:
+        mask = mask[..., None]
+    per_value = patchify(mask.astype(jnp.float32), patch_size)  # (N, T, C' p p)
+    return jnp.all(per_value > 0.5, axis=-1, keepdims=True)
+
+
+@struct.dataclass
+class InpaintResult:
+    """images: G(z'); z_prime: the edited noise tokens; token_mask: (N, T, 1) known tokens."""
+
+    images: Array
+    z_prime: Array
+    token_mask: Array
+
+
+def inpaint(forward_apply: Callable[[Array, Array | None], Array],
+            reverse_apply: Callable[[Array, Array | None], Array],
+            x_known: Array, mask: Array, y: Array | None, rng: Array, *, patch_size: int,
+            eps: Array | None = None) -> InpaintResult:
+    """Noise-space inpainting: z' = M * F(x_known) + (1 - M) * eps, images = G(z').
+
+    `mask` is 1/True where x_known is known, in image space (converted by
+    `token_mask`). `eps` defaults to N(0, I) from `rng`. The selection is a `where`,
+    so known tokens carry F's noise bit for bit and unknown tokens carry eps exactly.
+    """
+    n, height, width, channels = x_known.shape
+    z_known = forward_apply(x_known, y)
+    if eps is None:
+        eps = jax.random.normal(rng, z_known.shape, z_known.dtype)
+    known = token_mask(mask, patch_size)
+    z_prime = jnp.where(known, z_known, eps)
+    tokens = reverse_apply(z_prime, y)
+    images = unpatchify(tokens, patch_size, height, width, channels)
+    return InpaintResult(images=images, z_prime=z_prime, token_mask=jnp.broadcast_to(known, (n,) + known.shape[1:]))
+
+
+def class_edit(forward_apply: Callable[[Array, Array | None], Array],
+               reverse_apply: Callable[[Array, Array | None], Array],
+               x: Array, y_source: Array, y_target: Array, *, patch_size: int) -> tuple[Array, Array]:
+    """Class editing: z = F(x | y_source), then G(z | y_target). Returns (images, z)."""
+    _, height, width, channels = x.shape
+    z = forward_apply(x, y_source)
+    tokens = reverse_apply(z, y_target)
+    return unpatchify(tokens, patch_size, height, width, channels), z

@@ -1,0 +1,400 @@
+"""BiFlow's reverse model G: noise tokens -> image tokens in one forward pass (1 NFE).
+
+G is a bidirectional (non-causal) ViT over the forward flow's tokens. Its layers are
+grouped into B + 1 stages run in generation order: stage k (k = 0..B-1) ends with a
+projection head whose output is aligned with the forward state x^{B-1-k}, so stage
+B-1 predicts x^0 (the noised image tokens); the extra stage B is the learned
+denoiser that predicts the clean image (PAPERS.md section 3).
+
+Design choices, and why:
+- Positions: a fixed 2D sin-cos embedding added to the input *and* 2D rotary
+  embeddings on q/k. The input is pure noise, so nothing in it says where a token
+  sits; an absolute code is required for position-dependent image structure. RoPE
+  adds a relative-offset bias inside every attention layer at no parameter cost and
+  keeps working if the token grid changes. Both are parameter-free.
+- Conditioning through adaLN-zero (DiT): the class label and the guidance scale w
+  become one vector c that produces a shift/scale/gate per block. Training-time CFG
+  makes w a continuous input of a 1-NFE model, so it must steer every layer; a
+  per-block modulation from one vector is cheaper than in-context condition tokens,
+  which every attention layer would have to carry next to the 256 image tokens, and
+  the zero-initialised gates make every block start as the exact identity.
+- Stage split: `layers_per_stage`, or `depth` split evenly with the spare layers
+  going to the first (noise-side) stages.
+- Modern blocks: RMSNorm (computed in float32), QK-norm per head (bounded attention
+  logits in bf16), SwiGLU MLP with hidden width 2/3 * mlp_ratio * width so the MLP
+  costs the same as a GELU MLP of ratio mlp_ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import struct
+
+Array = jax.Array
+
+
+@struct.dataclass
+class ReverseOutput:
+    """What G returns.
+
+    stage_outputs: B + 1 token arrays (N, T, D), float32, generation order; entry k < B
+      is paired with the forward state x^{B-1-k}, entry B is the clean-image estimate.
+    image_tokens: stage_outputs[-1].
+    hiddens: G's hidden state (N, T, width) at the end of every stage (diagnostics).
+    """
+
+    stage_outputs: tuple[Array, ...]
+    image_tokens: Array
+    hiddens: tuple[Array, ...]
+
+
+def rms_norm(x: Array, eps: float = 1e-6) -> Array:
+    """Scale-free RMS normalisation over the last axis, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned per-channel scale (used for QK-norm)."""
+
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        return (rms_norm(x.astype(jnp.float32), self.eps) * scale).astype(x.dtype)
+
+
+def sincos_2d_positions(grid: int, width: int) -> np.ndarray:
+    """Fixed (grid*grid, width) absolute positions: half the channels code the row, half the column."""
+    if width % 4:
+        raise ValueError(f"width={width} must be a multiple of 4 for 2D sin-cos positions")
+    quarter = width // 4
+    freqs = 1.0 / 10000 ** (np.arange(quarter) / quarter)
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    parts = []
+    for coord in (rows.reshape(-1), cols.reshape(-1)):
+        angles = coord[:, None] * freqs[None]
+        parts += [np.sin(angles), np.cos(angles)]
+    return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def rope_2d_angles(grid: int, head_dim: int, base: float = 100.0) -> np.ndarray:
+    """Rotation angles (T, head_dim/2): the first half rotates by the row index, the second by the column.
+
+    The base is small (100) because the grid is at most a few dozen tokens wide.
+    """
+    if head_dim % 4:
+        raise ValueError(f"head_dim={head_dim} must be a multiple of 4 for 2D rotary embeddings")
+    quarter = head_dim // 4
+    freqs = 1.0 / base ** (np.arange(quarter) / quarter)
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    return np.concatenate(
+        [rows.reshape(-1, 1) * freqs[None], cols.reshape(-1, 1) * freqs[None]], axis=1
+    ).astype(np.float32)
+
+
+def apply_rope(x: Array, angles: Array) -> Array:
+    """Rotate channel pairs (j, j + head_dim/2) of x (N, T, heads, head_dim) by `angles` (T, head_dim/2)."""
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    cos = jnp.cos(angles)[None, :, None, :]
+    sin = jnp.sin(angles)[None, :, None, :]
+    return jnp.concatenate([first * cos - second * sin, first * sin + second * cos], axis=-1).astype(x.dtype)
+
+
+def guidance_frequencies(w: Array, dim: int, scale: float = 1000.0, max_period: float = 10000.0) -> Array:
+    """DiT-style sinusoidal code of the guidance scale (N,) -> (N, dim); w is scaled like a diffusion step."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = (jnp.asarray(w, jnp.float32) * scale)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def modulate(x: Array, shift: Array, scale: Array) -> Array:
+    return x * (1 + scale) + shift
+
+
+def dense(features: int, dtype: Any, name: str, zero: bool = False, use_bias: bool = True) -> nn.Dense:
+    """Dense with float32 params: xavier-uniform (ViT/DiT convention) or all zeros (adaLN-zero, heads)."""
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+        kernel_init=nn.initializers.zeros if zero else nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.zeros,
+    )
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head self-attention with QK-norm and 2D RoPE."""
+
+    width: int
+    heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, angles: Array) -> Array:
+        n, t, _ = x.shape
+        head_dim = self.width // self.heads
+        qkv = dense(3 * self.width, self.dtype, "qkv")(x).reshape(n, t, 3, self.heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q = apply_rope(RMSNorm(name="q_norm")(q), angles)
+        k = apply_rope(RMSNorm(name="k_norm")(k), angles)
+        out = jax.nn.dot_product_attention(q, k, v)  # no mask: every token sees every token
+        return dense(self.width, self.dtype, "proj")(out.reshape(n, t, self.width))
+
+
+class SwiGLU(nn.Module):
+    """silu(x W_gate) * (x W_up) W_down."""
+
+    width: int
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        gate, up = jnp.split(dense(2 * self.hidden, self.dtype, "gate_up")(x), 2, axis=-1)
+        return dense(self.width, self.dtype, "down")(nn.silu(gate) * up)
+
+
+def swiglu_hidden(width: int, mlp_ratio: float) -> int:
+    """2/3 of the GELU-MLP hidden width (equal parameter count), rounded up to a multiple of 8."""
+    hidden = int(2 * mlp_ratio * width / 3)
+    return -(-hidden // 8) * 8
+
+
+class ReverseBlock(nn.Module):
+    """One transformer layer with adaLN-zero: x + gate * f(modulate(norm(x))) for attention and MLP.
+
+    The modulation Dense is zero-initialised, so all gates start at 0 and the block
+    starts as the exact identity.
+    """
+
+    width: int
+    heads: int
+    mlp_ratio: float = 4.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, cond: Array, angles: Array) -> Array:
+        mod = dense(6 * self.width, self.dtype, "adaln", zero=True)(nn.silu(cond))[:, None]
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
+        h = modulate(rms_norm(x), shift_a, scale_a)
+        x = x + gate_a * Attention(self.width, self.heads, self.dtype, name="attention")(h, angles)
+        h = modulate(rms_norm(x), shift_m, scale_m)
+        hidden = swiglu_hidden(self.width, self.mlp_ratio)
+        return x + gate_m * SwiGLU(self.width, hidden, self.dtype, name="mlp")(h)
+
+
+class StageHead(nn.Module):
+    """phi_k: RMSNorm + Dense(width -> D), the Dense zero-initialised like DiT's final layer.
+
+    Only the final (image) head is adaLN-modulated by c: the intermediate heads are
+    alignment probes whose hidden input already carries the condition, and a
+    width x 2*width modulation per head would add ~1.2M parameters each at B/2.
+    """
+
+    width: int
+    token_dim: int
+    modulated: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: Array, cond: Array) -> Array:
+        if self.modulated:
+            mod = dense(2 * self.width, self.dtype, "adaln", zero=True)(nn.silu(cond))[:, None]
+            shift, scale = jnp.split(mod, 2, axis=-1)
+            h = modulate(rms_norm(h), shift, scale)
+        else:
+            h = RMSNorm(name="norm")(h)
+        return dense(self.token_dim, self.dtype, "proj", zero=True)(h).astype(jnp.float32)
+
+
+def even_stage_split(depth: int, num_stages: int) -> tuple[int, ...]:
+    """`depth` layers over `num_stages` stages; the first `depth % num_stages` stages get one more."""
+    if depth < num_stages:
+        raise ValueError(f"depth={depth} is smaller than the number of stages {num_stages}; every stage needs a layer")
+    base, extra = divmod(depth, num_stages)
+    return tuple(base + (k < extra) for k in range(num_stages))
+
+
+class ReverseViT(nn.Module):
+    """G: z tokens (N, T, D) in raster order -> B + 1 stage outputs (see module docstring).
+
+    `num_classes` K > 0 gives a (K + 1)-row label table whose last row is the null
+    token; labels < 0 (dropped) or y=None use it. `stage_bottleneck` routes the hidden
+    stream through each stage's token-space output (re-embedded for the next stage),
+    the architecture of the paper's "hidden distillation" ablation.
+    """
+
+    num_tokens: int
+    token_dim: int
+    num_forward_blocks: int
+    depth: int
+    width: int
+    heads: int
+    mlp_ratio: float = 4.0
+    layers_per_stage: tuple[int, ...] | None = None
+    num_classes: int = 0
+    guidance_conditioning: bool = True
+    guidance_embed_dim: int = 256
+    stage_bottleneck: bool = False
+    dtype: Any = jnp.float32
+
+    @property
+    def num_stages(self) -> int:
+        return self.num_forward_blocks + 1
+
+    @property
+    def stage_sizes(self) -> tuple[int, ...]:
+        if self.layers_per_stage is None:
+            return even_stage_split(self.depth, self.num_stages)
+        sizes = tuple(int(s) for s in self.layers_per_stage)
+        if len(sizes) != self.num_stages or min(sizes) < 1:
+            raise ValueError(f"layers_per_stage={sizes} must list {self.num_stages} positive layer counts "
+                             f"(num_forward_blocks + 1)")
+        return sizes
+
+    @property
+    def grid(self) -> int:
+        grid = math.isqrt(self.num_tokens)
+        if grid * grid != self.num_tokens:
+            raise ValueError(f"num_tokens={self.num_tokens} is not a square token grid")
+        return grid
+
+    def setup(self):
+        if self.width % self.heads:
+            raise ValueError(f"width={self.width} is not divisible by heads={self.heads}")
+        self.embed = dense(self.width, self.dtype, "embed")
+        self.class_embed = nn.Embed(self.num_classes + 1, self.width, param_dtype=jnp.float32,
+                                    embedding_init=nn.initializers.normal(0.02), name="class_embed")
+        if self.guidance_conditioning:
+            self.guidance_mlp_in = nn.Dense(self.width, param_dtype=jnp.float32,
+                                            kernel_init=nn.initializers.normal(0.02), name="guidance_mlp_in")
+            self.guidance_mlp_out = nn.Dense(self.width, param_dtype=jnp.float32,
+                                             kernel_init=nn.initializers.normal(0.02), name="guidance_mlp_out")
+        total = sum(self.stage_sizes)
+        self.blocks = [ReverseBlock(self.width, self.heads, self.mlp_ratio, self.dtype, name=f"blocks_{l}")
+                       for l in range(total)]
+        self.heads_ = [StageHead(self.width, self.token_dim, k == self.num_stages - 1, self.dtype, name=f"heads_{k}")
+                       for k in range(self.num_stages)]
+        if self.stage_bottleneck:
+            self.reembed = [dense(self.width, self.dtype, f"reembed_{k}") for k in range(self.num_stages - 1)]
+
+    def label_index(self, y: Array | None, batch: int) -> Array:
+        """Row of the label table: y in [0, K) itself; y < 0 (dropped), y = K, or None -> K (null token).
+
+        Labels above K cannot be rejected inside jit; they also read the null row.
+        """
+        null = jnp.full((batch,), self.num_classes, jnp.int32)
+        if y is None or not self.num_classes:
+            return null
+        y = jnp.asarray(y, jnp.int32)
+        return jnp.where((y < 0) | (y >= self.num_classes), null, y)
+
+    def condition(self, y: Array | None, w: Array | float | None, batch: int) -> Array:
+        """c (N, width) = label embedding + MLP(sinusoid(w)); w=None means w=0. Float32."""
+        c = self.class_embed(self.label_index(y, batch))
+        if self.guidance_conditioning:
+            w = jnp.broadcast_to(jnp.asarray(0.0 if w is None else w, jnp.float32), (batch,))
+            e = guidance_frequencies(w, self.guidance_embed_dim)
+            c = c + self.guidance_mlp_out(nn.silu(self.guidance_mlp_in(e)))
+        return c
+
+    def positions(self) -> Array:
+        return jnp.asarray(sincos_2d_positions(self.grid, self.width)).astype(self.dtype)[None]
+
+    def __call__(self, z: Array, y: Array | None = None, w: Array | float | None = None,
+                 cfg_scale: Array | float | None = None) -> ReverseOutput:
+        """One pass of G.
+
+        `w`: the trained-in guidance scale (training-time CFG), scalar or (N,).
+        `cfg_scale`: inference-time CFG (2 NFE). Conditional and unconditional (null
+        label, w=0) branches run as one doubled batch; after every stage both hidden
+        states are replaced by (1+s) h_c - s h_u and the stage output is mixed the same
+        way from the two branches' heads. Returned arrays have the original batch size.
+        """
+        n, t, d = z.shape
+        if t != self.num_tokens or d != self.token_dim:
+            raise ValueError(f"expected tokens (N, {self.num_tokens}, {self.token_dim}), got {tuple(z.shape)}")
+        cond = self.condition(y, w, n)
+        guided = cfg_scale is not None
+        if guided:
+            s = jnp.broadcast_to(jnp.asarray(cfg_scale, jnp.float32), (n,))[:, None, None]
+            cond = jnp.concatenate([cond, self.condition(None, 0.0, n)], axis=0)
+            z = jnp.concatenate([z, z], axis=0)
+
+            def mix(pair: Array) -> Array:
+                c_part, u_part = pair[:n], pair[n:]
+                return ((1 + s) * c_part - s * u_part).astype(pair.dtype)
+        cond = cond.astype(self.dtype)
+        angles = jnp.asarray(rope_2d_angles(self.grid, self.width // self.heads))
+
+        h = self.embed(z.astype(self.dtype)) + self.positions()
+        outputs, hiddens, layer = [], [], 0
+        for k, size in enumerate(self.stage_sizes):
+            for _ in range(size):
+                h = self.blocks[layer](h, cond, angles)
+                layer += 1
+            if guided:
+                h = jnp.concatenate([mix(h)] * 2, axis=0)
+            out = self.heads_[k](h, cond)
+            if guided:
+                out = mix(out)
+            outputs.append(out)
+            hiddens.append(h[:n])
+            if self.stage_bottleneck and k < self.num_stages - 1:
+                routed = jnp.concatenate([out] * 2, axis=0) if guided else out
+                h = self.reembed[k](routed.astype(self.dtype)) + self.positions()
+        return ReverseOutput(stage_outputs=tuple(outputs), image_tokens=outputs[-1], hiddens=tuple(hiddens))
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # DiT-B/2-like: 12 layers, width 768, 12 heads (the paper's BiFlow-B/2 is ~133M).
+    "B/2": dict(depth=12, width=768, heads=12, mlp_ratio=4.0),
+    # DiT-L/2-like.
+    "L/2": dict(depth=24, width=1024, heads=16, mlp_ratio=4.0),
+    # DiT-XL/2-like: 28 layers, width 1152, 16 heads.
+    "XL/2": dict(depth=28, width=1152, heads=16, mlp_ratio=4.0),
+    # CPU tests and the 8x8 digits run.
+    "tiny": dict(depth=4, width=64, heads=2, mlp_ratio=4.0),
+}
+
+
+def reverse_config(name: str = "B/2", num_classes: int = 0, dtype: str = "float32") -> ml_collections.ConfigDict:
+    """The `config.reverse` section for a named size; every field can be overridden afterwards."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown reverse model size {name!r}; choose from {sorted(PRESETS)}")
+    cfg = ml_collections.ConfigDict(dict(
+        size=name,
+        **PRESETS[name],
+        layers_per_stage=None,  # or a list of num_forward_blocks + 1 layer counts
+        num_classes=num_classes,
+        guidance_conditioning=True,
+        stage_bottleneck=False,
+        dtype=dtype,
+    ))
+    return cfg
+
+
+def build_reverse(cfg: Any, num_tokens: int, token_dim: int, num_forward_blocks: int) -> ReverseViT:
+    """G for a `config.reverse` ConfigDict and the forward flow's token shape and block count."""
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if cfg.dtype not in dtypes:
+        raise ValueError(f"reverse.dtype must be one of {sorted(dtypes)}, got {cfg.dtype!r}")
+    layers = cfg.get("layers_per_stage", None)
+    return ReverseViT(
+        num_tokens=num_tokens, token_dim=token_dim, num_forward_blocks=num_forward_blocks,
+        depth=cfg.depth, width=cfg.width, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
+        layers_per_stage=None if layers is None else tuple(layers),
+        num_classes=cfg.num_classes,
+        guidance_conditioning=cfg.get("guidance_conditioning", True),
+        stage_bottleneck=cfg.get("stage_bottleneck", False),
+        dtype=dtypes[cfg.dtype],
+    )
