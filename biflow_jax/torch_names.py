@@ -1,0 +1,174 @@
+"""The single mapping between our Flax TARFlow params and apple/ml-tarflow's state_dict.
+
+Export and import both go through `state_dict_layout`, so the two directions cannot drift
+apart. Pure numpy on purpose: exporting must work where torch is not installed.
+
+The layout follows ml-tarflow's `transformer_flow.Model`: `blocks.{i}` <-> `blocks_{i}`,
+`attn_blocks.{l}` <-> `attn_blocks_{l}`, `main.0`/`main.2` <-> `main_0`/`main_2`,
+LayerNorm `weight` <-> Flax `scale`, and a torch Linear weight (out, in) is the transpose
+of a Flax Dense kernel (in, out). Two buffers have no Flax counterpart: each block's causal
+`attn_mask` (lower-triangular ones) and the model's prior variance `var` (ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+FlaxPath = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One state_dict entry: its place in the Flax tree (None for a buffer) and its torch shape."""
+
+    flax_path: FlaxPath | None
+    shape: tuple[int, ...]
+    transpose: bool = False  # a Dense kernel, stored transposed in torch
+
+
+def state_dict_layout(model_cfg: Any) -> dict[str, TensorSpec]:
+    """Every key ml-tarflow's Model has for this config, with its shape and Flax origin.
+
+    `model_cfg` is the `config.model` section (a ConfigDict or a plain dict).
+    """
+    patch = model_cfg["patch_size"]
+    tokens = (model_cfg["img_size"] // patch) ** 2
+    token_dim = model_cfg["in_channels"] * patch * patch
+    width = model_cfg["channels"]
+    hidden = width * model_cfg["expansion"]
+    classes = model_cfg["num_classes"]
+
+    layout: dict[str, TensorSpec] = {}
+
+    def add_linear(torch_name: str, flax_path: FlaxPath, fan_in: int, fan_out: int) -> None:
+        layout[f"{torch_name}.weight"] = TensorSpec(flax_path + ("kernel",), (fan_out, fan_in), transpose=True)
+        layout[f"{torch_name}.bias"] = TensorSpec(flax_path + ("bias",), (fan_out,))
+
+    def add_norm(torch_name: str, flax_path: FlaxPath) -> None:
+        layout[f"{torch_name}.weight"] = TensorSpec(flax_path + ("scale",), (width,))
+        layout[f"{torch_name}.bias"] = TensorSpec(flax_path + ("bias",), (width,))
+
+    for i in range(model_cfg["num_blocks"]):
+        torch_block, flax_block = f"blocks.{i}", (f"blocks_{i}",)
+        add_linear(f"{torch_block}.proj_in", flax_block + ("proj_in",), token_dim, width)
+        layout[f"{torch_block}.pos_embed"] = TensorSpec(flax_block + ("pos_embed",), (tokens, width))
+        if classes:
+            layout[f"{torch_block}.class_embed"] = TensorSpec(flax_block + ("class_embed",), (classes, 1, width))
+        for l in range(model_cfg["layers_per_block"]):
+            torch_layer, flax_layer = f"{torch_block}.attn_blocks.{l}", flax_block + (f"attn_blocks_{l}",)
+            add_norm(f"{torch_layer}.attention.norm", flax_layer + ("attention", "norm"))
+            add_linear(f"{torch_layer}.attention.qkv", flax_layer + ("attention", "qkv"), width, 3 * width)
+            add_linear(f"{torch_layer}.attention.proj", flax_layer + ("attention", "proj"), width, width)
+            add_norm(f"{torch_layer}.mlp.norm", flax_layer + ("mlp", "norm"))
+            add_linear(f"{torch_layer}.mlp.main.0", flax_layer + ("mlp", "main_0"), width, hidden)
+            add_linear(f"{torch_layer}.mlp.main.2", flax_layer + ("mlp", "main_2"), hidden, width)
+        add_linear(f"{torch_block}.proj_out", flax_block + ("proj_out",), width, 2 * token_dim)
+        layout[f"{torch_block}.attn_mask"] = TensorSpec(None, (tokens, tokens))
+    layout["var"] = TensorSpec(None, (tokens, token_dim))
+    return layout
+
+
+def causal_mask(num_tokens: int) -> np.ndarray:
+    """The `attn_mask` buffer: 1 where a token may attend (itself and earlier tokens)."""
+    return np.tril(np.ones((num_tokens, num_tokens), np.float32))
+
+
+def _buffer_value(name: str, spec: TensorSpec) -> np.ndarray:
+    if name.endswith("attn_mask"):
+        return causal_mask(spec.shape[0])
+    return np.ones(spec.shape, np.float32)  # `var`: our flows use a unit Gaussian prior
+
+
+def _flatten(tree: Mapping[str, Any], prefix: FlaxPath = ()) -> dict[FlaxPath, Any]:
+    flat: dict[FlaxPath, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, prefix + (key,)))
+        else:
+            flat[prefix + (key,)] = value
+    return flat
+
+
+def _unwrap_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Accept both `{'params': tree}` (what `model.init` returns) and the bare tree."""
+    if set(params.keys()) == {"params"}:
+        return params["params"]
+    return params
+
+
+def _describe(missing: list[str], extra: list[str], what: str, limit: int = 12) -> str:
+    """'missing <what>: a, b; unexpected <what>: c' (long lists shortened)."""
+    def listed(names: list[str]) -> str:
+        more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+        return ", ".join(names[:limit]) + more
+
+    parts = [f"missing {what}: {listed(missing)}"] if missing else []
+    parts += [f"unexpected {what}: {listed(extra)}"] if extra else []
+    return "; ".join(parts)
+
+
+def flow_params_to_state_dict(params: Mapping[str, Any], model_cfg: Any) -> dict[str, np.ndarray]:
+    """Flax flow params -> ml-tarflow state_dict as contiguous float32 numpy arrays.
+
+    bfloat16 leaves are widened to float32 (exactly). Raises ValueError if the tree does
+    not have exactly the leaves the config implies.
+    """
+    layout = state_dict_layout(model_cfg)
+    leaves = _flatten(_unwrap_params(params))
+    wanted = {spec.flax_path for spec in layout.values() if spec.flax_path is not None}
+    missing = sorted("/".join(p) for p in wanted - leaves.keys())
+    extra = sorted("/".join(p) for p in leaves.keys() - wanted)
+    if missing or extra:
+        raise ValueError(f"flow params do not match the config: {_describe(missing, extra, 'params')}")
+    state_dict = {}
+    for name, spec in layout.items():
+        if spec.flax_path is None:
+            state_dict[name] = _buffer_value(name, spec)
+            continue
+        value = np.asarray(leaves[spec.flax_path]).astype(np.float32)
+        if spec.transpose:
+            value = value.T
+        if value.shape != spec.shape:
+            raise ValueError(f"{'/'.join(spec.flax_path)} -> {name}: expected torch shape {spec.shape}, "
+                             f"got {value.shape}")
+        state_dict[name] = np.ascontiguousarray(value)
+    return state_dict
+
+
+def state_dict_to_flow_params(state_dict: Mapping[str, Any], model_cfg: Any) -> dict[str, Any]:
+    """ml-tarflow state_dict -> `{'params': tree}` of float32 numpy arrays for our TARFlow.
+
+    Strict like torch's `load_state_dict(strict=True)`: a missing, unexpected or wrongly
+    shaped key raises ValueError naming it, and so does an `attn_mask` that is not causal
+    (it would be a different model). `var` is shape-checked only: it is a sampling-time
+    prior scale, not part of the flow, so whoever imports decides what to do with it.
+    """
+    layout = state_dict_layout(model_cfg)
+    missing = [name for name in layout if name not in state_dict]
+    extra = [name for name in state_dict if name not in layout]
+    if missing or extra:
+        raise ValueError(f"state_dict does not match the config: {_describe(missing, extra, 'keys')}")
+    arrays = {name: np.asarray(state_dict[name]) for name in layout}
+    wrong = [f"{name}: expected shape {spec.shape}, got {arrays[name].shape}"
+             for name, spec in layout.items() if arrays[name].shape != spec.shape]
+    if wrong:
+        raise ValueError("state_dict has wrongly shaped keys: " + "; ".join(wrong))
+
+    params: dict[str, Any] = {}
+    for name, spec in layout.items():
+        value = arrays[name].astype(np.float32)
+        if spec.flax_path is None:
+            if name.endswith("attn_mask") and not np.array_equal(value, causal_mask(spec.shape[0])):
+                raise ValueError(f"{name} is not the lower-triangular causal mask the flow assumes")
+            continue
+        if spec.transpose:
+            value = value.T
+        node = params
+        for key in spec.flax_path[:-1]:
+            node = node.setdefault(key, {})
+        node[spec.flax_path[-1]] = np.ascontiguousarray(value)
+    return {"params": params}
