@@ -45,7 +45,9 @@ def _builder(data_cfg: Any) -> tfds.core.DatasetBuilder:
     try:
         builder = tfds.builder(data_cfg.name, data_dir=data_dir)
     except Exception as e:  # unknown name: tfds raises a registry error
-        raise DataError(f"unknown dataset data.name={data_cfg.name!r}: {e}") from e
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"unknown dataset data.name={data_cfg.name!r} ({first_line}); use 'digits', "
+                        "'folder' or a TFDS name prepared in data.data_dir") from e
     if not builder.is_prepared():
         raise DataError(f"dataset {data_cfg.name!r} is not prepared in data_dir={builder.data_dir!r}; "
                         "this code never downloads: prepare it there first (tfds build / manual_dir)")

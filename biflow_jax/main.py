@@ -2,7 +2,8 @@
 
 Config values can be overridden on the command line, e.g. `--config.optim.lr=3e-4`.
 Modes: train (default: train or resume, report test bits/dim against a diagonal-Gaussian
-baseline).
+baseline); classify (the workdir's EMA flow as a classifier: training-free top-1 and a
+linear probe, on the test split).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from biflow_jax import distributed
 config_flags.DEFINE_config_file("config", "configs/digits.py", "Config file, with an optional :ARG.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: config.json, checkpoints, TensorBoard events.")
-flags.DEFINE_enum("mode", "train", ["train"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "classify"], "What to do.")
 FLAGS = flags.FLAGS
 
 
@@ -27,6 +28,26 @@ def run_train(config, workdir: str) -> None:
     results = train.train_and_evaluate(config, workdir)
     baseline = train.gaussian_baseline_bpd(config, train.make_mesh())
     train.say(f"test bits/dim: flow (EMA) {results['test_bpd']:.4f} | diagonal-Gaussian baseline {baseline:.4f}")
+
+
+def run_classify(config, workdir: str) -> None:
+    from biflow_jax import checkpoint, classify, train
+
+    saved, model, params = checkpoint.load_flow(workdir)
+    if config.data.name == saved.data.name:
+        saved.data = config.data  # where the data lives on this machine
+    results = classify.evaluate(saved, model, params)
+    if model.num_classes:
+        train.say("training-free top-1 (test, one backward pass): "
+                  f"{results['training_free_top1_dequantized']:.4f} dequantised inputs, "
+                  f"{results['training_free_top1_clean']:.4f} clean inputs")
+    else:
+        train.say("training-free classification skipped: the flow is unconditional")
+    probe = results["probe"]
+    table = ", ".join(f"{b},{l}: {acc:.3f}" for (b, l), acc in sorted(probe.test_top1_by_location.items()))
+    train.say(f"linear probe top-1 (test): {probe.test_top1:.4f} at block {probe.location[0]} layer "
+              f"{probe.location[1]} (chosen on held-out train, ridge {probe.strength:g}); "
+              f"by (block,layer): {table}")
 
 
 def main(argv: list[str]) -> None:
@@ -39,7 +60,22 @@ def main(argv: list[str]) -> None:
     distributed.initialize()
     from biflow_jax.checkpoint import CONFIG_FILE  # noqa: F401  (imports jax after distributed init)
 
-    {"train": run_train}[FLAGS.mode](FLAGS.config, FLAGS.workdir)
+    {"train": run_train, "classify": run_classify}[FLAGS.mode](FLAGS.config, FLAGS.workdir)
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+    """Parse flags so a bad `--config.KEY=...` override gets a plain message, not a traceback."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # config_flags' report of a key the config lacks
+        key = str(e).strip("\"'")
+        culprit = [a for a in argv if a.startswith("--config.") and key in a.split("=")[0]]
+        where = f" (from {culprit[0].split('=')[0]})" if culprit else ""
+        print(f"error: unknown config key {key!r}{where}; see the config file for valid keys", file=sys.stderr)
+        sys.exit(2)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run() -> None:
@@ -47,7 +83,7 @@ def run() -> None:
     from biflow_jax.errors import EXPECTED_ERRORS
 
     try:
-        app.run(main)
+        app.run(main, flags_parser=parse_flags_or_exit)
     except EXPECTED_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -113,6 +113,10 @@ def flow_objective(model, config: ml_collections.ConfigDict) -> Objective:
 
 def make_objective(model, config: ml_collections.ConfigDict) -> Objective:
     """The objective a config asks for."""
+    if "align" in config and config.align.enabled:  # R-REPA: NLL + alignment with a frozen DINOv2
+        from biflow_jax import alignment
+
+        return alignment.make_objective(model, config)
     return flow_objective(model, config)
 
 
@@ -211,6 +215,7 @@ def gaussian_baseline_bpd(config: ml_collections.ConfigDict, mesh: Mesh) -> floa
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train (or resume) the run in `workdir`; returns the final metrics."""
     validate_config(config)
+    input_pipeline.dataset_info(config.data)  # a missing dataset fails here, before the workdir is touched
     mesh = make_mesh()
     model = build_flow(config.model)
     optimizer = make_optimizer(config)

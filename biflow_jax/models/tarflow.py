@@ -63,9 +63,14 @@ def linear(features: int, fan_in: int, dtype: Any, name: str, zero_kernel: bool 
     )
 
 
+def accum_dtype(dtype: Any) -> Any:
+    """float32 for float32/bfloat16 compute (PAPERS.md: LayerNorm and exp in float32); float64 stays."""
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
 def layer_norm(x: Array, module: nn.LayerNorm) -> Array:
-    """LayerNorm computed in float32 whatever the compute dtype (PAPERS.md section 1)."""
-    return module(x.astype(jnp.float32)).astype(x.dtype)
+    """LayerNorm computed in float32 (float64 for float64 models) whatever the compute dtype."""
+    return module(x.astype(accum_dtype(x.dtype))).astype(x.dtype)
 
 
 def soft_clip(a: Array, clip: float) -> Array:
@@ -86,7 +91,7 @@ class Attention(nn.Module):
         if self.channels % self.head_dim:
             raise ValueError(f"channels={self.channels} is not a multiple of head_dim={self.head_dim}")
         self.num_heads = self.channels // self.head_dim
-        self.norm = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32)
+        self.norm = nn.LayerNorm(epsilon=1e-5, dtype=accum_dtype(self.dtype), param_dtype=jnp.float32)
         self.qkv = linear(3 * self.channels, self.channels, self.dtype, "qkv")
         self.proj = linear(self.channels, self.channels, self.dtype, "proj")
 
@@ -99,9 +104,10 @@ class Attention(nn.Module):
 
     def _attend(self, q: Array, k: Array, v: Array, mask: Array, temp: Array | float) -> Array:
         scale = 1.0 / math.sqrt(self.head_dim)
-        logits = jnp.einsum("nqhd,nkhd->nhqk", q, k).astype(jnp.float32) * scale
-        logits = logits / jnp.reshape(jnp.asarray(temp, jnp.float32), (-1, 1, 1, 1))
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        acc = accum_dtype(self.dtype)
+        logits = jnp.einsum("nqhd,nkhd->nhqk", q, k).astype(acc) * scale
+        logits = logits / jnp.reshape(jnp.asarray(temp, acc), (-1, 1, 1, 1))
+        logits = jnp.where(mask, logits, jnp.finfo(acc).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("nhqk,nkhd->nqhd", weights, v)
         return self.proj(out.reshape(out.shape[0], out.shape[1], self.channels))
@@ -133,7 +139,8 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        h = layer_norm(x, nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, name="norm"))
+        h = layer_norm(x, nn.LayerNorm(epsilon=1e-5, dtype=accum_dtype(self.dtype), param_dtype=jnp.float32,
+                                       name="norm"))
         h = linear(self.channels * self.expansion, self.channels, self.dtype, "main_0")(h)
         h = nn.gelu(h, approximate=False)
         return linear(self.channels, self.channels * self.expansion, self.dtype, "main_2")(h)
@@ -229,7 +236,7 @@ class MetaBlock(nn.Module):
         for layer in self.attn_blocks:
             h = layer(h, temp)
             hiddens.append(h)
-        out = self.proj_out(h).astype(jnp.float32)
+        out = self.proj_out(h).astype(accum_dtype(self.dtype))
         out = jnp.concatenate([jnp.zeros_like(out[:, :1]), out[:, :-1]], axis=1)
         a, b = jnp.split(out, 2, axis=-1)
         return soft_clip(a, self.clip), b, tuple(hiddens)
@@ -237,7 +244,7 @@ class MetaBlock(nn.Module):
     def __call__(self, x: Array, y: Array | None = None,
                  class_mix: Array | None = None) -> tuple[Array, Array, tuple[Array, ...]]:
         """x (N, T, D) -> z = (x - b) * exp(-a), per-sample log|det| / dims, layer hiddens."""
-        x_perm = self.permute(x).astype(jnp.float32)
+        x_perm = self.permute(x).astype(accum_dtype(self.dtype))
         a, b, hiddens = self.transform(x_perm, y, 1.0, class_mix)
         z = (x_perm - b) * jnp.exp(-a)
         return self.permute(z), -a.mean(axis=(1, 2)), hiddens
@@ -259,7 +266,7 @@ class MetaBlock(nn.Module):
         for layer, layer_cache in zip(self.attn_blocks, cache):
             h, layer_cache = layer.decode(h, layer_cache, index, temp)
             new_cache.append(layer_cache)
-        out = self.proj_out(h)[:, 0].astype(jnp.float32)
+        out = self.proj_out(h)[:, 0].astype(accum_dtype(self.dtype))
         a, b = jnp.split(out, 2, axis=-1)
         return soft_clip(a, self.clip), b, tuple(new_cache)
 
@@ -324,7 +331,7 @@ class TARFlow(nn.Module):
     def __call__(self, x: Array, y: Array | None = None, class_mix: Array | None = None) -> FlowOutput:
         """`class_mix` (N, K), if given, replaces the label by a soft mixture of class embeddings."""
         self.check_images(x)
-        tokens = patchify(x.astype(jnp.float32), self.patch_size)
+        tokens = patchify(x.astype(accum_dtype(self.dtype)), self.patch_size)
         trajectory, logdets, hiddens = [tokens], [], []
         for block in self.blocks:
             tokens, logdet, h = block(tokens, y, class_mix)
@@ -355,7 +362,7 @@ class TARFlow(nn.Module):
 
 def build_flow(cfg: Any) -> TARFlow:
     """The flow described by a `config.model` ConfigDict."""
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
     if cfg.dtype not in dtypes:
         raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {cfg.dtype!r}")
     return TARFlow(
