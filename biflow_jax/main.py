@@ -2,7 +2,8 @@
 
 Config values can be overridden on the command line, e.g. `--config.optim.lr=3e-4`.
 Modes: train (default: train or resume, report test bits/dim against a diagonal-Gaussian
-baseline); classify (the workdir's EMA flow as a classifier: training-free top-1 and a
+baseline, write a grid of exact-inverse samples); sample (exact-inverse samples from the
+workdir's EMA flow: --num_images, --labels, --solver, --out_dir); classify (the workdir's EMA flow as a classifier: training-free top-1 and a
 linear probe, on the test split).
 """
 
@@ -18,7 +19,11 @@ from biflow_jax import distributed
 config_flags.DEFINE_config_file("config", "configs/digits.py", "Config file, with an optional :ARG.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: config.json, checkpoints, TensorBoard events.")
-flags.DEFINE_enum("mode", "train", ["train", "classify"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "classify"], "What to do.")
+flags.DEFINE_integer("num_images", None, "sample: how many images (default config.sample.num_images).")
+flags.DEFINE_list("labels", None, "sample: class labels, cycled over the images (default: balanced).")
+flags.DEFINE_enum("solver", None, ["cached", "jacobi", "naive"], "sample: exact-inverse solver.")
+flags.DEFINE_string("out_dir", None, "sample: where samples.png/.npz go (default WORKDIR/samples).")
 FLAGS = flags.FLAGS
 
 
@@ -28,6 +33,24 @@ def run_train(config, workdir: str) -> None:
     results = train.train_and_evaluate(config, workdir)
     baseline = train.gaussian_baseline_bpd(config, train.make_mesh())
     train.say(f"test bits/dim: flow (EMA) {results['test_bpd']:.4f} | diagonal-Gaussian baseline {baseline:.4f}")
+    if jax_is_main():
+        run_sample(config, workdir)
+
+
+def run_sample(config, workdir: str) -> None:
+    from biflow_jax import sample, train
+
+    labels = [int(v) for v in FLAGS.labels] if FLAGS.labels else None
+    out = sample.run_sample(config, workdir, num_images=FLAGS.num_images, labels=labels,
+                            out_dir=FLAGS.out_dir, solver=FLAGS.solver)
+    train.say(f"exact-inverse samples ({out['solver']} solver, {out['num_images']} images, "
+              f"{out['images_per_s']:.1f} images/s incl. compile): {out['samples_png']}")
+
+
+def jax_is_main() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def run_classify(config, workdir: str) -> None:
@@ -60,7 +83,7 @@ def main(argv: list[str]) -> None:
     distributed.initialize()
     from biflow_jax.checkpoint import CONFIG_FILE  # noqa: F401  (imports jax after distributed init)
 
-    {"train": run_train, "classify": run_classify}[FLAGS.mode](FLAGS.config, FLAGS.workdir)
+    {"train": run_train, "sample": run_sample, "classify": run_classify}[FLAGS.mode](FLAGS.config, FLAGS.workdir)
 
 
 def parse_flags_or_exit(argv: list[str]) -> list[str]:

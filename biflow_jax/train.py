@@ -133,7 +133,7 @@ def device_step(state: TrainState, batch: dict, *, loss_fn: Callable, optimizer,
     params = optax.apply_updates(state.params, updates)
     decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))  # warm up the average
     ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     bad = jnp.logical_not(jnp.isfinite(jax.lax.pmean(loss, AXIS))).astype(jnp.int32)
     return TrainState(state.step + 1, params, opt_state, ema, state.nonfinite + bad), metrics
 

@@ -35,6 +35,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                     jacobi_tol=1e-4, jacobi_max_iters=0)
 
     if variant == "quick":
-        c.train.update(steps=300, log_every=50, eval_every=300, checkpoint_every=100)
-        c.optim.warmup_steps = 30
+        c.train.update(steps=300, batch_size=64, log_every=50, eval_every=300, checkpoint_every=100)
+        c.optim.update(lr=3e-3, warmup_steps=20)
     return c
