@@ -28,6 +28,24 @@ FLAGS = flags.FLAGS
 
 
 def run_train(config, workdir: str) -> None:
+    """config.stage: flow (stage 1 in WORKDIR), biflow (stage 2 in WORKDIR), or both
+    (WORKDIR/forward then WORKDIR/reverse, then exact inverse and BiFlow side by side)."""
+    import os
+
+    stage = config.get("stage", "flow")
+    if stage == "flow":
+        run_stage1(config, workdir)
+    elif stage == "biflow":
+        run_stage2(config, workdir)
+    elif stage == "both":
+        forward = os.path.join(workdir, "forward")
+        run_stage1(config, forward)
+        run_stage2(config, os.path.join(workdir, "reverse"), forward_workdir=forward)
+    else:
+        raise ValueError(f"config.stage={stage!r} must be 'flow', 'biflow' or 'both'")
+
+
+def run_stage1(config, workdir: str) -> None:
     from biflow_jax import train
 
     results = train.train_and_evaluate(config, workdir)
@@ -35,6 +53,24 @@ def run_train(config, workdir: str) -> None:
     train.say(f"test bits/dim: flow (EMA) {results['test_bpd']:.4f} | diagonal-Gaussian baseline {baseline:.4f}")
     if jax_is_main():
         run_sample(config, workdir)
+
+
+def run_stage2(config, workdir: str, forward_workdir: str | None = None) -> None:
+    from biflow_jax import compare, reverse_training, train
+
+    results = reverse_training.train_reverse(reverse_training.stage2_config(config, forward_workdir), workdir)
+    train.say(f"BiFlow reverse model: test reconstruction MSE of G(F(x)) (EMA) {results['test_recon_mse']:.4f}")
+    if jax_is_main():
+        figures = compare.compare(workdir)
+        train.say(f"exact inverse vs BiFlow on the same noise: {figures['grid']}")
+        train.say(f"speed: exact inverse {figures['exact_images_per_s']:.1f} images/s, BiFlow 1-NFE "
+                  f"{figures['biflow_images_per_s']:.1f} images/s ({figures['speedup']:.1f}x)")
+        if "exact_frechet" in figures:
+            train.say("digits quality (classifier features; lower Frechet and higher label accuracy are better): "
+                      f"exact inverse FD {figures['exact_frechet']:.3f} acc {figures['exact_label_accuracy']:.3f} | "
+                      f"BiFlow (w={figures['biflow_w']:g}) FD {figures['biflow_frechet']:.3f} "
+                      f"acc {figures['biflow_label_accuracy']:.3f} | BiFlow (w=0) FD "
+                      f"{figures['biflow_w0_frechet']:.3f} acc {figures['biflow_w0_label_accuracy']:.3f}")
 
 
 def run_sample(config, workdir: str) -> None:

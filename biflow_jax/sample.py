@@ -58,9 +58,16 @@ def denoise_sigma(config: Any, settings: dict) -> float:
     return 0.0
 
 
-def save_grid(images: np.ndarray, path: str, nrow: int, padding: int = 2) -> None:
-    """Tile uint8 NHWC images, `nrow` per row, into one PNG (grayscale for 1 channel)."""
+def save_grid(images: np.ndarray, path: str, nrow: int, padding: int = 2, min_size: int = 32) -> None:
+    """Tile uint8 NHWC images, `nrow` per row, into one PNG (grayscale for 1 channel).
+
+    Images smaller than `min_size` pixels are enlarged by an integer factor (nearest
+    neighbour), so an 8x8 digit is something a person can look at.
+    """
     images = np.asarray(images)
+    if images.ndim == 4 and 0 < images.shape[1] < min_size:
+        factor = -(-min_size // images.shape[1])
+        images = images.repeat(factor, axis=1).repeat(factor, axis=2)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"save_grid wants uint8 NHWC images with 1 or 3 channels, got {images.dtype} "
                          f"{images.shape}")

@@ -24,7 +24,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from biflow_jax import checkpoint, input_pipeline, likelihood
+from biflow_jax import checkpoint, input_pipeline, likelihood, parallel
 from biflow_jax.config_checks import validate_config
 from biflow_jax.models.gaussian import DiagonalGaussian
 from biflow_jax.models.tarflow import build_flow, count_params
@@ -79,11 +79,15 @@ class Objective:
     loss(params, batch, rng, index) -> (scalar, metrics) for this device's slice of the batch,
     `index` being the examples' global indices (draw per-example noise from them).
     flow_params(params) -> the forward flow's variables inside the trainable params (for eval).
+    frozen: params that are used but not trained (stage 2's forward flow, a DINO encoder). They
+    are passed to the jitted step as an argument, not baked into it as constants, and reach
+    `loss` as a fifth argument when not None.
     """
 
     init: Callable[[jax.Array], Any]
     loss: Callable
     flow_params: Callable[[Any], Any] = lambda params: params
+    frozen: Any = None
 
 
 def flow_inputs(config: ml_collections.ConfigDict, batch: dict, keys: jax.Array):
@@ -120,13 +124,14 @@ def make_objective(model, config: ml_collections.ConfigDict) -> Objective:
     return flow_objective(model, config)
 
 
-def device_step(state: TrainState, batch: dict, *, loss_fn: Callable, optimizer, ema_decay: float,
-                seed: int) -> tuple[TrainState, dict]:
+def device_step(state: TrainState, batch: dict, frozen: Any = None, *, loss_fn: Callable, optimizer,
+                ema_decay: float, seed: int) -> tuple[TrainState, dict]:
     """One optimisation step on this device's slice of the batch; gradients are averaged over AXIS."""
     n = batch["image"].shape[0]
     index = jax.lax.axis_index(AXIS) * n + jnp.arange(n)
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, index)
+    extra = () if frozen is None else (frozen,)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, index, *extra)
     grads = jax.lax.pmean(grads, AXIS)
     metrics = jax.lax.pmean(metrics, AXIS)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -138,28 +143,45 @@ def device_step(state: TrainState, batch: dict, *, loss_fn: Callable, optimizer,
     return TrainState(state.step + 1, params, opt_state, ema, state.nonfinite + bad), metrics
 
 
-def make_train_step(loss_fn: Callable, optimizer, config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
-    """The jitted step: state replicated, batch split over the mesh, state buffers donated."""
+def make_train_step(loss_fn: Callable, optimizer, config: ml_collections.ConfigDict,
+                    mesh: Mesh) -> parallel.ParallelStep:
+    """device_step run the way config.parallel asks: step(state, batch, frozen=None), state donated.
+
+    The state and batch are in the backend's layout: the loop converts once with
+    `step.to_backend(state)`, feeds `step.put_batch(local numpy batch)` and takes
+    `step.from_backend(tree)` to evaluate or save (both identities for jit; see biflow_jax.parallel).
+    """
     step = functools.partial(device_step, loss_fn=loss_fn, optimizer=optimizer,
                              ema_decay=config.train.ema_decay, seed=config.train.seed)
-    backend = config.parallel.backend
+    backend, fsdp = config.parallel.backend, config.parallel.get("fsdp", False)
     if backend == "jit":
-        sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
-        return jax.jit(sharded, donate_argnums=0)
-    raise ValueError(f"parallel.backend={backend!r} is not supported (use 'jit')")
+        return parallel.fully_sharded(step, mesh) if fsdp else parallel.replicated_jit(step, mesh)
+    if backend == "pmap":
+        if fsdp:
+            raise ValueError("parallel.fsdp=True needs parallel.backend='jit' (pmap keeps a whole state per device)")
+        return parallel.pmapped(step, mesh)
+    raise ValueError(f"parallel.backend={backend!r} is not supported (use 'jit' or 'pmap')")
 
 
 def init_state(objective: Objective, optimizer, config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
-    """Fresh parameters, replicated over the mesh."""
-    replicated = NamedSharding(mesh, P())
+    """Fresh parameters as global arrays: replicated over the mesh, or sharded with parallel.fsdp.
 
-    @functools.partial(jax.jit, out_shardings=replicated)
+    Created in place with their final shardings, so an fsdp state never exists whole on one device.
+    """
+
     def init():
         params = objective.init(jax.random.key(config.train.seed))
         return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), params,
                           jnp.zeros((), jnp.int32))
 
-    return init()
+    return jax.jit(init, out_shardings=state_shardings(jax.eval_shape(init), config, mesh))()
+
+
+def state_shardings(state: Any, config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
+    """Where each leaf of a (possibly abstract) train state lives between steps, per config.parallel."""
+    if config.parallel.get("fsdp", False):
+        return parallel.fsdp_shardings(state, mesh)
+    return parallel.replicated_shardings(state, mesh)
 
 
 def make_eval_fn(apply_fn: Callable, mesh: Mesh, seed: int) -> Callable:
@@ -213,25 +235,40 @@ def gaussian_baseline_bpd(config: ml_collections.ConfigDict, mesh: Mesh) -> floa
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Train (or resume) the run in `workdir`; returns the final metrics."""
+    """Stage 1: train (or resume) the forward flow in `workdir`; returns the final metrics."""
     validate_config(config)
     input_pipeline.dataset_info(config.data)  # a missing dataset fails here, before the workdir is touched
     mesh = make_mesh()
     model = build_flow(config.model)
+    objective = make_objective(model, config)
+    bpd_fn = make_eval_fn(flow_apply(model), mesh, config.train.seed)
+
+    def evaluate(ema_params):
+        return {"test_bpd": evaluate_bpd(bpd_fn, config, mesh, objective.flow_params(ema_params))}
+
+    return run_training(config, workdir, objective, evaluate, mesh, same_run_keys=("model", "data.name"))
+
+
+def run_training(config: ml_collections.ConfigDict, workdir: str, objective: Objective,
+                 evaluate: Callable[[Any], dict[str, float]], mesh: Mesh,
+                 same_run_keys: tuple[str, ...]) -> dict[str, float]:
+    """The loop both stages share: resume, jitted steps, logging, eval with EMA params, Orbax.
+
+    A workdir holding a run whose config differs in any of `same_run_keys` is refused.
+    """
     optimizer = make_optimizer(config)
     is_main = jax.process_index() == 0
 
-    # Resume from the workdir if it holds a run of the same model.
     mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
     latest = mngr.latest_step()
     if latest is not None:
         saved = checkpoint.read_config(workdir)
-        diffs = checkpoint.section_differences(saved.model, config.model, "model.")
-        diffs += checkpoint.section_differences({"name": saved.data.name}, {"name": config.data.name}, "data.")
+        diffs = []
+        for key in same_run_keys:
+            diffs += checkpoint.section_differences({key: lookup(saved, key)}, {key: lookup(config, key)}, "")
         if diffs:
             raise ValueError(f"workdir {workdir!r} holds a run of another configuration: " + "; ".join(diffs))
     checkpoint.write_config(workdir, config)
-    objective = make_objective(model, config)
     state = init_state(objective, optimizer, config, mesh)
     if latest is not None:
         params, ema, opt_state, meta = checkpoint.restore(mngr, latest, state.params, state.ema_params,
@@ -245,16 +282,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_hparams({"num_params": count_params(state.params), **flat_config(config)})
     report = periodic_actions.ReportProgress(num_train_steps=config.train.steps, writer=writer)
     train_step = make_train_step(objective.loss, optimizer, config, mesh)
-    bpd_fn = make_eval_fn(flow_apply(model), mesh, config.train.seed)
-    batch_sharding = NamedSharding(mesh, P(AXIS))
+    frozen = None if objective.frozen is None else jax.device_put(objective.frozen, NamedSharding(mesh, P()))
     batches = input_pipeline.train_batches(config, position=start)
+    state = train_step.to_backend(state)  # pmap: one replica per local device; jit: as is
     say(f"training {count_params(state.params):,} params from step {start} to {config.train.steps} "
         f"on {jax.device_count()} device(s)")
 
     results: dict[str, float] = {}
     for step in range(start + 1, config.train.steps + 1):
-        batch = input_pipeline.to_global(next(batches), batch_sharding)
-        state, metrics = train_step(state, batch)
+        batch = train_step.put_batch(next(batches))
+        state, metrics = train_step(state, batch, frozen)
         report(step)
         if step % config.train.log_every == 0 or step == config.train.steps:
             metrics = jax.device_get(metrics)  # the loop's only host sync, besides eval and saving
@@ -262,22 +299,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             writer.write_scalars(step, metrics)
             say(f"step {step}: loss {metrics['loss']:.4f} grad_norm {metrics['grad_norm']:.3f}")
         if step % config.train.eval_every == 0 or step == config.train.steps:
-            results["test_bpd"] = evaluate_bpd(bpd_fn, config, mesh, objective.flow_params(state.ema_params))
-            writer.write_scalars(step, {"test_bpd_ema": results["test_bpd"]})
-            say(f"step {step}: test bits/dim (EMA) {results['test_bpd']:.4f}")
+            results = evaluate(train_step.from_backend(state.ema_params))
+            writer.write_scalars(step, {f"{k}_ema": v for k, v in results.items()})
+            say(f"step {step}: " + ", ".join(f"{k} (EMA) {v:.4f}" for k, v in results.items()))
         if step % config.train.checkpoint_every == 0 or step == config.train.steps:
             check_finite(state, step)
-            checkpoint.save(mngr, step, state.params, state.ema_params, state.opt_state, data_position=step)
+            saved = train_step.from_backend(state)  # global arrays, whatever the backend
+            checkpoint.save(mngr, step, saved.params, saved.ema_params, saved.opt_state, data_position=step)
     mngr.wait_until_finished()
     mngr.close()
-    if "test_bpd" not in results:  # the run was already complete: report its final state
-        results["test_bpd"] = evaluate_bpd(bpd_fn, config, mesh, objective.flow_params(state.ema_params))
+    if not results:  # the run was already complete: report its final state
+        results = evaluate(train_step.from_backend(state.ema_params))
     writer.flush()
     return results
 
 
+def lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    value = config
+    for part in dotted.split("."):
+        value = value.get(part) if hasattr(value, "get") else None
+    return value
+
+
 def check_finite(state: TrainState, step: int) -> None:
-    if int(jax.device_get(state.nonfinite)):
+    if int(np.max(jax.device_get(state.nonfinite))):  # pmap: one count per device
         raise TrainingError(f"the loss became NaN/inf before step {step}; stopping without saving "
                             "(the last good checkpoint is kept). Lower optim.lr or set optim.grad_clip.")
 
