@@ -3,7 +3,8 @@
 Config values can be overridden on the command line, e.g. `--config.optim.lr=3e-4`.
 Modes: train (default: train or resume, report test bits/dim against a diagonal-Gaussian
 baseline, write a grid of exact-inverse samples); sample (exact-inverse samples from the
-workdir's EMA flow: --num_images, --labels, --solver, --out_dir); classify (the workdir's EMA flow as a classifier: training-free top-1 and a
+workdir's EMA flow: --num_images, --labels, --solver, --out_dir); inpaint / class_edit
+(training-free editing grids from a stage-2 workdir); classify (the workdir's EMA flow as a classifier: training-free top-1 and a
 linear probe, on the test split).
 """
 
@@ -19,7 +20,7 @@ from biflow_jax import distributed
 config_flags.DEFINE_config_file("config", "configs/digits.py", "Config file, with an optional :ARG.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: config.json, checkpoints, TensorBoard events.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "classify"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "classify", "inpaint", "class_edit"], "What to do.")
 flags.DEFINE_integer("num_images", None, "sample: how many images (default config.sample.num_images).")
 flags.DEFINE_list("labels", None, "sample: class labels, cycled over the images (default: balanced).")
 flags.DEFINE_enum("solver", None, ["cached", "jacobi", "naive"], "sample: exact-inverse solver.")
@@ -83,6 +84,16 @@ def run_sample(config, workdir: str) -> None:
               f"{out['images_per_s']:.1f} images/s incl. compile): {out['samples_png']}")
 
 
+def run_edit(config, workdir: str) -> None:
+    """Training-free editing with a stage-2 (BiFlow) workdir: inpainting or class editing grids."""
+    del config  # the workdir's own config is used
+    from biflow_jax import edit_demos, train
+
+    out = (edit_demos.run_inpaint if FLAGS.mode == "inpaint" else edit_demos.run_class_edit)(
+        workdir, out_dir=FLAGS.out_dir)
+    train.say(f"{FLAGS.mode}: {out['grid']}")
+
+
 def jax_is_main() -> bool:
     import jax
 
@@ -119,7 +130,9 @@ def main(argv: list[str]) -> None:
     distributed.initialize()
     from biflow_jax.checkpoint import CONFIG_FILE  # noqa: F401  (imports jax after distributed init)
 
-    {"train": run_train, "sample": run_sample, "classify": run_classify}[FLAGS.mode](FLAGS.config, FLAGS.workdir)
+    modes = {"train": run_train, "sample": run_sample, "classify": run_classify, "inpaint": run_edit,
+             "class_edit": run_edit}
+    modes[FLAGS.mode](FLAGS.config, FLAGS.workdir)
 
 
 def parse_flags_or_exit(argv: list[str]) -> list[str]:

@@ -82,6 +82,15 @@ def test_train_reverse_end_to_end_leaves_stage1_checkpoint_untouched(forward_wor
     saved, reverse, params, _, _ = reverse_training.load_reverse(str(tmp_path / "stage2"))
     out = reverse.apply(params, jnp.zeros((2, 16, 4)), jnp.array([1, 2]), None)
     assert out.image_tokens.shape == (2, 16, 4)
+    from PIL import Image
+
+    from biflow_jax import edit_demos
+
+    inpainted = edit_demos.run_inpaint(str(tmp_path / "stage2"), count=4)
+    edited = edit_demos.run_class_edit(str(tmp_path / "stage2"), count=2)
+    # 5 rows of 4 images / 2 rows of 1 + 10 images, each 8x8 enlarged 4x, 2-pixel padding.
+    assert Image.open(inpainted["grid"]).size == (4 * 34 + 2, 5 * 34 + 2)
+    assert Image.open(edited["grid"]).size == (11 * 34 + 2, 2 * 34 + 2)
 
 
 def test_stage2_without_or_with_mismatched_stage1_fails_at_start(forward_workdir, tmp_path):
