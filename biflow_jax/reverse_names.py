@@ -1,0 +1,167 @@
+"""The single mapping between our Flax reverse model G (`ReverseViT`) and its PyTorch port.
+
+Export (`reverse_params_to_state_dict`) and import (`state_dict_to_reverse_params`) both
+read `reverse_layout`, so the two directions cannot drift apart. Pure numpy on purpose:
+exporting must work where torch is not installed, and the PyTorch port
+(`biflow_jax.torch.reverse`) takes its stage split from here without importing JAX.
+
+Names: Flax `blocks_{l}` / `heads_{k}` / `reembed_{k}` <-> torch `blocks.{l}` /
+`heads.{k}` / `reembed.{k}`; RMSNorm `scale` and the label table's `embedding` <-> torch
+`weight`; a torch Linear weight (out, in) is the transpose of a Flax Dense kernel (in, out).
+G has no buffers worth storing: its positions and rotary angles are fixed functions of
+the config, rebuilt by the port.
+
+`cfg` below is the exported `reverse_config.json` dict (see `biflow_jax.export`): G's
+constructor arguments num_tokens, token_dim, num_forward_blocks, depth, width, heads,
+mlp_ratio, layers_per_stage, num_classes, guidance_conditioning, guidance_embed_dim,
+stage_bottleneck.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from biflow_jax.torch_names import FlaxPath, TensorSpec
+
+
+def stage_sizes(depth: int, num_forward_blocks: int, layers_per_stage: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Layers per stage, B + 1 stages: `layers_per_stage` if given, else `depth` split evenly
+    with the spare layers going to the first (noise-side) stages. Same rule as `ReverseViT`."""
+    num_stages = num_forward_blocks + 1
+    if layers_per_stage is not None:
+        sizes = tuple(int(s) for s in layers_per_stage)
+        if len(sizes) != num_stages or min(sizes) < 1:
+            raise ValueError(f"layers_per_stage={sizes} must list {num_stages} positive layer counts "
+                             f"(num_forward_blocks + 1)")
+        return sizes
+    if depth < num_stages:
+        raise ValueError(f"depth={depth} is smaller than the number of stages {num_stages}; every stage needs a layer")
+    base, extra = divmod(depth, num_stages)
+    return tuple(base + (k < extra) for k in range(num_stages))
+
+
+def swiglu_hidden(width: int, mlp_ratio: float) -> int:
+    """SwiGLU hidden width: 2/3 of mlp_ratio * width, rounded up to a multiple of 8 (as in G)."""
+    hidden = int(2 * mlp_ratio * width / 3)
+    return -(-hidden // 8) * 8
+
+
+def config_stage_sizes(cfg: Mapping[str, Any]) -> tuple[int, ...]:
+    return stage_sizes(int(cfg["depth"]), int(cfg["num_forward_blocks"]), cfg.get("layers_per_stage"))
+
+
+def reverse_layout(cfg: Mapping[str, Any]) -> dict[str, TensorSpec]:
+    """Every key of the PyTorch `ReverseModel` for this config, with its torch shape and Flax origin."""
+    width, token_dim = int(cfg["width"]), int(cfg["token_dim"])
+    head_dim = width // int(cfg["heads"])
+    hidden = swiglu_hidden(width, float(cfg.get("mlp_ratio", 4.0)))
+    sizes = config_stage_sizes(cfg)
+
+    layout: dict[str, TensorSpec] = {}
+
+    def linear(torch_name: str, flax_path: FlaxPath, fan_in: int, fan_out: int) -> None:
+        layout[f"{torch_name}.weight"] = TensorSpec(flax_path + ("kernel",), (fan_out, fan_in), transpose=True)
+        layout[f"{torch_name}.bias"] = TensorSpec(flax_path + ("bias",), (fan_out,))
+
+    linear("embed", ("embed",), token_dim, width)
+    layout["class_embed.weight"] = TensorSpec(("class_embed", "embedding"), (int(cfg["num_classes"]) + 1, width))
+    if cfg.get("guidance_conditioning", True):
+        linear("guidance_mlp_in", ("guidance_mlp_in",), int(cfg.get("guidance_embed_dim", 256)), width)
+        linear("guidance_mlp_out", ("guidance_mlp_out",), width, width)
+    for l in range(sum(sizes)):
+        block = (f"blocks_{l}",)
+        linear(f"blocks.{l}.adaln", block + ("adaln",), width, 6 * width)
+        linear(f"blocks.{l}.attention.qkv", block + ("attention", "qkv"), width, 3 * width)
+        for norm in ("q_norm", "k_norm"):
+            layout[f"blocks.{l}.attention.{norm}.weight"] = TensorSpec(block + ("attention", norm, "scale"),
+                                                                      (head_dim,))
+        linear(f"blocks.{l}.attention.proj", block + ("attention", "proj"), width, width)
+        linear(f"blocks.{l}.mlp.gate_up", block + ("mlp", "gate_up"), width, 2 * hidden)
+        linear(f"blocks.{l}.mlp.down", block + ("mlp", "down"), hidden, width)
+    for k in range(len(sizes)):
+        head = (f"heads_{k}",)
+        if k == len(sizes) - 1:  # only the image head is adaLN-modulated
+            linear(f"heads.{k}.adaln", head + ("adaln",), width, 2 * width)
+        else:
+            layout[f"heads.{k}.norm.weight"] = TensorSpec(head + ("norm", "scale"), (width,))
+        linear(f"heads.{k}.proj", head + ("proj",), width, token_dim)
+    if cfg.get("stage_bottleneck", False):
+        for k in range(len(sizes) - 1):
+            linear(f"reembed.{k}", (f"reembed_{k}",), token_dim, width)
+    return layout
+
+
+def _flat_leaves(tree: Mapping[str, Any], prefix: FlaxPath = ()) -> dict[FlaxPath, Any]:
+    flat: dict[FlaxPath, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat_leaves(value, prefix + (key,)))
+        else:
+            flat[prefix + (key,)] = value
+    return flat
+
+
+def _listed(names: list[str], limit: int = 12) -> str:
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _mismatch(missing: list[str], extra: list[str], what: str) -> str:
+    parts = [f"missing {what}: {_listed(missing)}"] if missing else []
+    return "; ".join(parts + ([f"unexpected {what}: {_listed(extra)}"] if extra else []))
+
+
+def reverse_params_to_state_dict(params: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax G params (bare tree or `{'params': tree}`) -> PyTorch state_dict of contiguous float32 arrays.
+
+    bfloat16 leaves are widened to float32 (exactly). Raises ValueError naming every
+    missing or unexpected Flax leaf, or the first wrongly shaped one.
+    """
+    if set(params.keys()) == {"params"}:
+        params = params["params"]
+    layout = reverse_layout(cfg)
+    leaves = _flat_leaves(params)
+    wanted = {spec.flax_path for spec in layout.values()}
+    missing = sorted("/".join(p) for p in wanted - leaves.keys())
+    extra = sorted("/".join(p) for p in leaves.keys() - wanted)
+    if missing or extra:
+        raise ValueError(f"reverse params do not match the config: {_mismatch(missing, extra, 'params')}")
+    state_dict = {}
+    for name, spec in layout.items():
+        value = np.asarray(leaves[spec.flax_path]).astype(np.float32)
+        if spec.transpose:
+            value = value.T
+        if value.shape != spec.shape:
+            raise ValueError(f"{'/'.join(spec.flax_path)} -> {name}: expected torch shape {spec.shape}, "
+                             f"got {value.shape}")
+        state_dict[name] = np.ascontiguousarray(value)
+    return state_dict
+
+
+def state_dict_to_reverse_params(state_dict: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """PyTorch state_dict -> `{'params': tree}` of float32 numpy arrays for `ReverseViT`.
+
+    Strict like `load_state_dict(strict=True)`: a missing, unexpected or wrongly shaped
+    key raises ValueError naming it. Accepts torch tensors or numpy arrays.
+    """
+    layout = reverse_layout(cfg)
+    missing = [name for name in layout if name not in state_dict]
+    extra = [name for name in state_dict if name not in layout]
+    if missing or extra:
+        raise ValueError(f"state_dict does not match the config: {_mismatch(missing, extra, 'keys')}")
+    arrays = {name: np.asarray(state_dict[name]) for name in layout}
+    wrong = [f"{name}: expected shape {spec.shape}, got {arrays[name].shape}"
+             for name, spec in layout.items() if arrays[name].shape != spec.shape]
+    if wrong:
+        raise ValueError("state_dict has wrongly shaped keys: " + "; ".join(wrong))
+    params: dict[str, Any] = {}
+    for name, spec in layout.items():
+        value = arrays[name].astype(np.float32)
+        node = params
+        for key in spec.flax_path[:-1]:
+            node = node.setdefault(key, {})
+        node[spec.flax_path[-1]] = np.ascontiguousarray(value.T if spec.transpose else value)
+    return {"params": params}

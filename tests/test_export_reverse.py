@@ -1,0 +1,356 @@
+"""Export of BiFlow's reverse model G to PyTorch: both frameworks must compute the same G.
+
+Every weight is random (the zero-initialised adaLN modulations and stage heads included),
+so a wrong transpose, chunk order, head split, rotary half, stage split or CFG mix shows
+up in the numbers. "Close" means max |got - want| <= 1e-5 * max |want| (float32 on both
+sides, highest matmul precision).
+
+One known difference is pinned rather than hidden: G's guidance code is cos/sin of
+w * 1000 * freq, and JAX builds the frequency table with a float32 `exp` that is off by an
+ulp from the correctly rounded value for some entries; at a few thousand radians that is
+~1e-4 in the code. The port uses the correctly rounded table, so the exact-parity tests
+give the JAX reference the same table (`float64_table_guidance`), and
+`test_unmodified_jax_model_agrees_to_float32_ulp_amplification` checks the unmodified
+JAX model at the looser tolerance that difference allows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from safetensors.numpy import load_file  # noqa: E402
+
+import biflow_jax.models.reverse as jax_reverse  # noqa: E402
+import biflow_jax.torch as torch_port  # noqa: E402
+from biflow_jax import checkpoint, editing, export  # noqa: E402
+from biflow_jax.models.tarflow import build_flow  # noqa: E402
+from biflow_jax.reverse_names import (reverse_layout, reverse_params_to_state_dict,  # noqa: E402
+                                      state_dict_to_reverse_params)
+from biflow_jax.torch.reverse import ReverseModel, guidance_frequencies  # noqa: E402
+from configs import digits  # noqa: E402
+
+torch.set_default_dtype(torch.float32)
+
+REL_TOL = 1e-5
+N = 4
+# name -> reverse-section overrides. "conditional": labels + guidance input, even split of
+# depth 4 over 3 stages (2, 1, 1). "bottleneck": unconditional, no guidance input, explicit
+# uneven split, hidden stream routed through every stage output.
+CASES = {
+    "conditional": dict(num_classes=10, depth=4, layers_per_stage=None, guidance_conditioning=True,
+                        stage_bottleneck=False),
+    "bottleneck": dict(num_classes=0, depth=4, layers_per_stage=[1, 1, 2], guidance_conditioning=False,
+                       stage_bottleneck=True),
+}
+LABELS = np.array([3, -1, 9, 10])  # 10 = K: also the null row
+W = np.array([0.0, 0.7, 1.5, 3.0], np.float32)
+CFG = np.array([0.0, 1.0, 2.0, 0.5], np.float32)
+
+
+def assert_close(got, want, rel: float = REL_TOL) -> None:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    err, scale = np.abs(got - want).max(), np.abs(want).max()
+    assert err <= rel * scale, f"max abs error {err:.3g} exceeds {rel} * {scale:.3g}"
+
+
+def make_config(case: str) -> ml_collections.ConfigDict:
+    """A stage-2 config: the digits job with a 2-block forward flow and a tiny G."""
+    config = digits.get_config("quick")
+    config.stage = "biflow"
+    config.model.update(channels=64, num_blocks=2, layers_per_block=1, head_dim=32)
+    config.reverse.update(width=64, heads=2, **CASES[case])
+    return config
+
+
+def build(config: ml_collections.ConfigDict) -> jax_reverse.ReverseViT:
+    m = config.model
+    tokens, token_dim = (m.img_size // m.patch_size) ** 2, m.in_channels * m.patch_size**2
+    return jax_reverse.build_reverse(config.reverse, tokens, token_dim, m.num_blocks)
+
+
+def random_params(model: jax_reverse.ReverseViT, seed: int):
+    """Params of the model's exact tree, every leaf random at a scale that suits its role.
+
+    Shapes from `eval_shape`, values from numpy: an eager `model.init` costs seconds.
+    """
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, model.num_tokens, model.token_dim)),
+                            jnp.zeros((1,), jnp.int32), jnp.zeros((1,)))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        names = [p.key for p in path]
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        if names[-1] == "kernel":  # adaLN gates/shifts/scales of order 0.5, not 0
+            gain = 0.5 if "adaln" in names else 1.0
+            return jnp.asarray(noise * gain / math.sqrt(leaf.shape[0]))
+        if names[-1] == "scale":
+            return jnp.asarray(1.0 + 0.2 * noise)
+        if names[-1] == "bias":
+            return jnp.asarray(0.1 * noise)
+        return jnp.asarray(0.5 * noise)  # the label table
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def random_flow_params(config: ml_collections.ConfigDict):
+    """Forward-flow params of the right tree (values do not matter where this is used)."""
+    flow = build_flow(config.model)
+    shapes = jax.eval_shape(flow.init, jax.random.PRNGKey(0), *checkpoint.example_inputs(config))
+    rng = np.random.default_rng(8)
+    return jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
+
+
+def float64_table_guidance(w, dim, scale=1000.0, max_period=10000.0):
+    """JAX's guidance code built on the correctly rounded frequency table the port uses."""
+    half = dim // 2
+    freqs = jnp.asarray(np.exp(-math.log(max_period) * np.arange(half) / half).astype(np.float32))
+    args = (jnp.asarray(w, jnp.float32) * scale)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def exported(request, tmp_path_factory):
+    """(config, JAX G, params, torch G loaded from the export, export dir) for one case."""
+    config = make_config(request.param)
+    model = build(config)
+    params = random_params(model, seed=1)
+    out_dir = str(tmp_path_factory.mktemp("export"))
+    export.export_reverse(config, params, out_dir)
+    with open(os.path.join(out_dir, export.REVERSE_CONFIG)) as f:
+        torch_model = ReverseModel.from_config(json.load(f))
+    state = {k: torch.from_numpy(v) for k, v in load_file(os.path.join(out_dir, export.REVERSE_WEIGHTS)).items()}
+    torch_model.load_state_dict(state, strict=True)
+    return config, model, params, torch_model.eval(), out_dir
+
+
+def inputs(model):
+    z = np.random.default_rng(2).standard_normal((N, model.num_tokens, model.token_dim)).astype(np.float32)
+    return z, (LABELS if model.num_classes else None)
+
+
+def jax_reference(model, params, z, y, cfg_scale):
+    """Stage outputs and 1-NFE images (NHWC) of JAX G, traced with the port's guidance table.
+
+    The images come from `editing.one_nfe_sample` for the conditional model; for the
+    other case (to save two compilations) from the stage outputs, as that function does.
+    """
+    to_images = editing.token_images(2, 8, 1)
+    args = (jnp.asarray(z), None if y is None else jnp.asarray(y), jnp.asarray(W))
+    s = None if cfg_scale is None else jnp.asarray(cfg_scale)
+    with pytest.MonkeyPatch.context() as patch:  # active while the fresh jits trace
+        patch.setattr(jax_reverse, "guidance_frequencies", float64_table_guidance)
+        stages = jax.jit(lambda p, z, y, w, s: model.apply(p, z, y, w, cfg_scale=s).stage_outputs)(params, *args, s)
+        if model.num_classes:
+            images = editing.one_nfe_sample(model, params, *args, to_images=to_images, cfg_scale=s)
+        else:
+            images = to_images(stages[-1])
+    return stages, images
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["no_cfg", "cfg"])
+def test_stage_outputs_and_images_match_jax(exported, guided):
+    config, model, params, torch_model, _ = exported
+    z, y = inputs(model)
+    cfg_scale = CFG if guided else None
+    want_stages, want_images = jax_reference(model, params, z, y, cfg_scale)
+    y_t = None if y is None else torch.from_numpy(y)
+    s_t = None if cfg_scale is None else torch.from_numpy(cfg_scale)
+    with torch.no_grad():
+        stages = torch_model(torch.from_numpy(z), y_t, torch.from_numpy(W), s_t)
+    assert len(stages) == config.model.num_blocks + 1
+    for got, want in zip(stages, want_stages):
+        assert got.dtype == torch.float32
+        assert_close(got.numpy(), want)
+    images = torch_model.decode(torch.from_numpy(z), y_t, torch.from_numpy(W), s_t)
+    assert images.shape == (N, 1, 8, 8)
+    assert_close(images.numpy().transpose(0, 2, 3, 1), want_images)
+    # `sample` is `decode` of its own N(0, I) draw.
+    drawn = torch.randn(N, 16, 4, generator=torch.Generator().manual_seed(5))
+    sampled = torch_model.sample(N, y_t, torch.from_numpy(W), s_t, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(sampled, torch_model.decode(drawn, y_t, torch.from_numpy(W), s_t), rtol=0, atol=0)
+    if guided and model.num_classes:  # the guided rows (s != 0) differ from plain G: CFG has an effect
+        with torch.no_grad():
+            plain = torch_model(torch.from_numpy(z), y_t, torch.from_numpy(W))[-1]
+        assert float((plain[1:] - stages[-1][1:]).abs().max()) > 1e-2
+        torch.testing.assert_close(plain[0], stages[-1][0], rtol=0, atol=1e-5)  # s = 0 row unchanged
+
+
+def test_unmodified_jax_model_agrees_to_float32_ulp_amplification(exported):
+    """Against JAX G as it stands: within 1e-5 at w = 0 (a zero code), within 2e-4 at w up to 3."""
+    _, model, params, torch_model, _ = exported
+    if not model.guidance_conditioning:
+        pytest.skip("no guidance input")
+    z, y = inputs(model)
+    apply = jax.jit(lambda p, z, y, w: model.apply(p, z, y, w).stage_outputs)
+    for w, rel in ((np.zeros(N, np.float32), REL_TOL), (W, 2e-4)):
+        want = apply(params, jnp.asarray(z), jnp.asarray(y), jnp.asarray(w))
+        with torch.no_grad():
+            got = torch_model(torch.from_numpy(z), torch.from_numpy(y), torch.from_numpy(w))
+        for g, wt in zip(got, want):
+            assert_close(g.numpy(), wt, rel)
+    # The guidance codes themselves differ by no more than a float32 ulp of the largest argument.
+    w_big = np.linspace(0.0, 4.0, 9, dtype=np.float32)
+    diff = np.abs(np.asarray(jax_reverse.guidance_frequencies(jnp.asarray(w_big), 256))
+                  - guidance_frequencies(torch.from_numpy(w_big), 256).numpy())
+    assert diff.max() <= 4 * np.spacing(np.float32(4000.0))
+
+
+def test_names_round_trip_exactly_and_match_the_torch_module(exported):
+    _, model, params, torch_model, out_dir = exported
+    with open(os.path.join(out_dir, export.REVERSE_CONFIG)) as f:
+        cfg = json.load(f)
+    state_dict = reverse_params_to_state_dict(params, cfg)
+    assert {k: tuple(v.shape) for k, v in state_dict.items()} == \
+           {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
+    assert state_dict["blocks.0.attention.qkv.weight"].shape == (192, 64)  # (out, in)
+    assert ("guidance_mlp_in.weight" in state_dict) == model.guidance_conditioning
+    assert ("reembed.1.weight" in state_dict) == model.stage_bottleneck
+    assert "heads.2.adaln.weight" in state_dict and "heads.1.norm.weight" in state_dict
+
+    back = state_dict_to_reverse_params(state_dict, cfg)
+    want, got = jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_flatten_with_path(back)[0]
+    assert [p for p, _ in want] == [p for p, _ in got]
+    for (path, w), (_, g) in zip(want, got):
+        assert g.dtype == np.float32
+        np.testing.assert_array_equal(g, np.asarray(w), err_msg=jax.tree_util.keystr(path))  # exact
+
+    # bfloat16 params export as (exactly widened) float32.
+    bf16 = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params)
+    widened = reverse_params_to_state_dict(bf16, cfg)["blocks.1.mlp.gate_up.weight"]
+    assert widened.dtype == np.float32
+    np.testing.assert_array_equal(
+        widened, np.asarray(bf16["params"]["blocks_1"]["mlp"]["gate_up"]["kernel"], np.float32).T)
+
+
+def test_export_writes_weights_and_every_constructor_argument(exported):
+    config, model, _, _, out_dir = exported
+    assert sorted(os.listdir(out_dir)) == ["reverse.safetensors", "reverse_config.json"]
+    with open(os.path.join(out_dir, export.REVERSE_CONFIG)) as f:
+        saved = json.load(f)
+    weights = load_file(os.path.join(out_dir, export.REVERSE_WEIGHTS))
+    assert set(weights) == set(reverse_layout(saved))
+    assert all(w.dtype == np.float32 for w in weights.values())
+    r = config.reverse
+    assert saved == {
+        "num_tokens": 16, "token_dim": 4, "num_forward_blocks": 2, "depth": 4, "width": 64, "heads": 2,
+        "mlp_ratio": 4.0, "layers_per_stage": r.layers_per_stage, "num_classes": r.num_classes,
+        "guidance_conditioning": r.guidance_conditioning, "guidance_embed_dim": 256,
+        "stage_bottleneck": r.stage_bottleneck, "stage_sizes": list(model.stage_sizes),
+        "patch_size": 2, "img_size": 8, "in_channels": 1, "trained_dtype": "float32"}
+    # Every ReverseViT field is recorded (so a new constructor argument cannot be forgotten).
+    fields = {f for f in jax_reverse.ReverseViT.__dataclass_fields__ if f not in ("parent", "name", "dtype")}
+    assert fields <= set(saved)
+
+
+def _conditional():
+    config = make_config("conditional")
+    return config, random_params(build(config), seed=4), export.reverse_export_config(config)
+
+
+@pytest.mark.parametrize("damage,key", [
+    ("missing", "blocks.3.mlp.down.bias"),
+    ("extra", "heads.3.proj.weight"),
+    ("shape", "blocks.0.attention.qkv.weight"),
+])
+def test_bad_state_dict_raises_naming_the_key(damage, key):
+    config, params, cfg = _conditional()
+    state_dict = reverse_params_to_state_dict(params, cfg)
+    if damage == "missing":
+        del state_dict[key]
+    elif damage == "extra":
+        state_dict[key] = np.zeros((4, 64), np.float32)
+    else:
+        state_dict[key] = state_dict[key].T
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")) as info:
+        state_dict_to_reverse_params(state_dict, cfg)
+    if damage == "shape":
+        assert "(192, 64)" in str(info.value) and "(64, 192)" in str(info.value)
+    with pytest.raises(RuntimeError, match=key.replace(".", r"\.")):  # and torch's strict load agrees
+        ReverseModel.from_config(cfg).load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
+
+
+def test_export_rejects_params_that_do_not_fit_the_config(tmp_path):
+    config, params, _ = _conditional()
+    tree = jax.tree_util.tree_map(np.asarray, params)
+    del tree["params"]["heads_1"]["norm"]
+    with pytest.raises(ValueError, match="heads_1/norm/scale"):
+        export.export_reverse(config, tree, str(tmp_path / "a"))
+    config.reverse.depth = 5  # one layer more than the params have
+    with pytest.raises(ValueError, match="blocks_4"):
+        export.export_reverse(config, params, str(tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="stage_sizes"):
+        ReverseModel.from_config({**export.reverse_export_config(make_config("conditional")), "stage_sizes": [1, 1, 2]})
+
+
+def test_load_returns_forward_and_reverse(exported, tmp_path):
+    config, _, params, torch_model, _ = exported
+    export.export_flow(config, random_flow_params(config), str(tmp_path))
+    export.export_reverse(config, params, str(tmp_path))
+    loaded = torch_port.load(str(tmp_path))
+    assert set(loaded) == {"forward", "forward_config", "reverse", "reverse_config"}
+    assert isinstance(loaded["reverse"], ReverseModel) and not loaded["reverse"].training
+    z = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1, 2]) if config.reverse.num_classes else None
+    with torch.no_grad():
+        assert torch.equal(loaded["reverse"](z, y, 1.0)[-1], torch_model(z, y, 1.0)[-1])
+
+
+@pytest.fixture(scope="module")
+def stage2_job(tmp_path_factory):
+    """A two-stage job directory JOB/forward (stage 1) + JOB/reverse (stage 2, raw != EMA params)."""
+    job = tmp_path_factory.mktemp("job")
+    config = make_config("conditional")
+    flow_params = random_flow_params(config)
+    config.forward_workdir = str(job / "forward")
+    raw, ema = random_params(build(config), seed=6), random_params(build(config), seed=7)
+    # Written like the training loop does (no optimizer: the loaders read only params items).
+    for workdir, run_config, step, params, ema_params in (
+            (job / "forward", dict(config.to_dict(), stage="flow", forward_workdir=""), 0, flow_params, flow_params),
+            (job / "reverse", config.to_dict(), 3, raw, ema)):
+        checkpoint.write_config(str(workdir), ml_collections.ConfigDict(run_config))
+        mngr = checkpoint.manager(str(workdir), async_save=False)
+        checkpoint.save(mngr, step, params, ema_params, {"count": np.zeros((), np.int32)}, 0)
+        mngr.wait_until_finished()
+        mngr.close()
+    return job, config, flow_params, raw, ema
+
+
+def test_cli_exports_flow_and_reverse_of_a_stage2_run(stage2_job, tmp_path, capsys):
+    job, config, flow_params, raw, ema = stage2_job
+    cfg = export.reverse_export_config(config)
+    for workdir, flag, want in ((job, "--ema", ema), (job / "reverse", "--no-ema", raw)):
+        out = tmp_path / flag
+        export.main(["--workdir", str(workdir), "--out", str(out), flag])
+        assert sorted(os.listdir(out)) == ["forward.safetensors", "forward_config.json",
+                                           "reverse.safetensors", "reverse_config.json"]
+        written = load_file(str(out / "reverse.safetensors"))
+        for name, value in reverse_params_to_state_dict(want, cfg).items():
+            np.testing.assert_array_equal(written[name], value, err_msg=name)
+        forward = load_file(str(out / "forward.safetensors"))  # the flow is stage 1's, bit for bit
+        np.testing.assert_array_equal(forward["blocks.1.proj_in.weight"],
+                                      np.asarray(flow_params["params"]["blocks_1"]["proj_in"]["kernel"]).T)
+    assert "reverse.safetensors" in capsys.readouterr().out
+
+
+def test_cli_stage2_without_its_forward_run_fails_cleanly(stage2_job, tmp_path, capsys):
+    _, config, _, _, _ = stage2_job
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.forward_workdir = str(tmp_path / "gone")
+    checkpoint.write_config(str(tmp_path / "reverse"), config)
+    with pytest.raises(SystemExit) as info:
+        export.main(["--workdir", str(tmp_path / "reverse"), "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    assert "gone" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
