@@ -28,11 +28,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                    layers_per_block=2, num_classes=10, head_dim=64, expansion=4, clip=0.0,
                    dtype="float32")
 
-    c.train = dict(seed=0, batch_size=128, eval_batch_size=300, steps=3000, noise="uniform",
+    c.train = dict(seed=0, batch_size=64, eval_batch_size=300, steps=2000, noise="uniform",
                    noise_std=0.0, label_drop=0.1, ema_decay=0.999, log_every=100, eval_every=1000,
                    checkpoint_every=500, keep_checkpoints=2)
 
-    c.optim = dict(lr=1e-3, init_lr=1e-6, end_lr=1e-5, warmup_steps=200, b1=0.9, b2=0.95,
+    c.optim = dict(lr=2e-3, init_lr=1e-6, end_lr=1e-5, warmup_steps=100, b1=0.9, b2=0.95,
                    weight_decay=1e-4, grad_clip=1.0)
 
     c.parallel = dict(backend="jit", fsdp=False)
@@ -40,7 +40,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Stage 2: G has one stage per forward block plus a denoising stage (5 here), 2 layers each.
     c.reverse = reverse_config("tiny", num_classes=10)
     c.reverse.update(depth=10, width=64, heads=2)
-    c.reverse_train = dict(steps=2000, lr=1e-3, objective="hidden_alignment", adaptive=True, adaptive_p=1.0,
+    c.reverse_train = dict(steps=1500, lr=1e-3, objective="hidden_alignment", adaptive=True, adaptive_p=1.0,
                            adaptive_c=0.01, cfg_training=True, w_min=0.0, w_max=3.0, guidance=1.0)
 
     c.sample = dict(num_images=100, batch_size=100, guidance=0.0, guide_what="ab", annealed=False,
