@@ -101,8 +101,14 @@ def jax_is_main() -> bool:
 
 
 def run_classify(config, workdir: str) -> None:
+    """The stage-1 flow of WORKDIR (or of WORKDIR/forward, for a two-stage run) as a classifier."""
+    import os
+
     from biflow_jax import checkpoint, classify, train
 
+    forward = os.path.join(workdir, "forward")
+    if not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)) and os.path.isdir(forward):
+        workdir = forward
     saved, model, params = checkpoint.load_flow(workdir)
     if config.data.name == saved.data.name:
         saved.data = config.data  # where the data lives on this machine
