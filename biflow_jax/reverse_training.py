@@ -33,7 +33,7 @@ def load_forward(config: ml_collections.ConfigDict) -> tuple[TARFlow, Any]:
     try:
         saved, flow, params = checkpoint.load_flow(workdir, ema=True)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"stage 2 cannot start: {e}") from e
+        raise FileNotFoundError(f"the stage-1 flow named by forward_workdir cannot be loaded: {e}") from e
     diffs = checkpoint.section_differences(saved.model, config.model, "model.")
     diffs += checkpoint.section_differences({k: saved.data.get(k) for k in MATCHING_DATA_KEYS},
                                             {k: config.data.get(k) for k in MATCHING_DATA_KEYS}, "data.")
@@ -151,7 +151,7 @@ def train_reverse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 def load_reverse(workdir: str, ema: bool = True):
     """(config, reverse model, params, flow, flow params) of a finished stage-2 workdir."""
     config = checkpoint.read_config(workdir)
-    if config.get("stage") not in ("biflow", "both"):
+    if config.get("stage") != "biflow":
         raise ValueError(f"workdir {workdir!r} is not a stage-2 (BiFlow) run")
     flow, flow_params = load_forward(config)
     reverse = build_models(config, flow)

@@ -113,7 +113,8 @@ def apply_rope(x: Array, angles: Array) -> Array:
 def guidance_frequencies(w: Array, dim: int, scale: float = 1000.0, max_period: float = 10000.0) -> Array:
     """DiT-style sinusoidal code of the guidance scale (N,) -> (N, dim); w is scaled like a diffusion step."""
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    # Computed in float64 and rounded once, so every backend (and the PyTorch port) gets the same table.
+    freqs = jnp.asarray(np.exp(-math.log(max_period) * np.arange(half) / half).astype(np.float32))
     args = (jnp.asarray(w, jnp.float32) * scale)[:, None] * freqs[None]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
