@@ -50,8 +50,6 @@ def validate_reverse_config(config: ml_collections.ConfigDict) -> None:
     require(0.0 <= rt.w_min <= rt.w_max, f"reverse_train.w_min={rt.w_min} / w_max={rt.w_max} must satisfy 0 <= min <= max")
     require(not rt.cfg_training or config.model.num_classes > 0,
             "reverse_train.cfg_training needs a class-conditional flow (model.num_classes > 0)")
-    grid = int(round(np.sqrt((config.model.img_size // config.model.patch_size) ** 2)))
-    require(grid * grid == (config.model.img_size // config.model.patch_size) ** 2, "G needs a square token grid")
 
 
 def build_models(config: ml_collections.ConfigDict, flow: TARFlow) -> ReverseViT:
