@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from biflow_jax.torch_names import FlaxPath, TensorSpec
+from biflow_jax.torch_names import FlaxPath, TensorSpec, params_to_state_dict, state_dict_to_params
 
 
 def stage_sizes(depth: int, num_forward_blocks: int, layers_per_stage: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -94,74 +94,11 @@ def reverse_layout(cfg: Mapping[str, Any]) -> dict[str, TensorSpec]:
     return layout
 
 
-def _flat_leaves(tree: Mapping[str, Any], prefix: FlaxPath = ()) -> dict[FlaxPath, Any]:
-    flat: dict[FlaxPath, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flat_leaves(value, prefix + (key,)))
-        else:
-            flat[prefix + (key,)] = value
-    return flat
-
-
-def _listed(names: list[str], limit: int = 12) -> str:
-    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-def _mismatch(missing: list[str], extra: list[str], what: str) -> str:
-    parts = [f"missing {what}: {_listed(missing)}"] if missing else []
-    return "; ".join(parts + ([f"unexpected {what}: {_listed(extra)}"] if extra else []))
-
-
 def reverse_params_to_state_dict(params: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Flax G params (bare tree or `{'params': tree}`) -> PyTorch state_dict of contiguous float32 arrays.
-
-    bfloat16 leaves are widened to float32 (exactly). Raises ValueError naming every
-    missing or unexpected Flax leaf, or the first wrongly shaped one.
-    """
-    if set(params.keys()) == {"params"}:
-        params = params["params"]
-    layout = reverse_layout(cfg)
-    leaves = _flat_leaves(params)
-    wanted = {spec.flax_path for spec in layout.values()}
-    missing = sorted("/".join(p) for p in wanted - leaves.keys())
-    extra = sorted("/".join(p) for p in leaves.keys() - wanted)
-    if missing or extra:
-        raise ValueError(f"reverse params do not match the config: {_mismatch(missing, extra, 'params')}")
-    state_dict = {}
-    for name, spec in layout.items():
-        value = np.asarray(leaves[spec.flax_path]).astype(np.float32)
-        if spec.transpose:
-            value = value.T
-        if value.shape != spec.shape:
-            raise ValueError(f"{'/'.join(spec.flax_path)} -> {name}: expected torch shape {spec.shape}, "
-                             f"got {value.shape}")
-        state_dict[name] = np.ascontiguousarray(value)
-    return state_dict
+    """Flax G params (bare tree or `{'params': tree}`) -> PyTorch state_dict of contiguous float32 arrays."""
+    return params_to_state_dict(params, reverse_layout(cfg), "reverse")
 
 
 def state_dict_to_reverse_params(state_dict: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """PyTorch state_dict -> `{'params': tree}` of float32 numpy arrays for `ReverseViT`.
-
-    Strict like `load_state_dict(strict=True)`: a missing, unexpected or wrongly shaped
-    key raises ValueError naming it. Accepts torch tensors or numpy arrays.
-    """
-    layout = reverse_layout(cfg)
-    missing = [name for name in layout if name not in state_dict]
-    extra = [name for name in state_dict if name not in layout]
-    if missing or extra:
-        raise ValueError(f"state_dict does not match the config: {_mismatch(missing, extra, 'keys')}")
-    arrays = {name: np.asarray(state_dict[name]) for name in layout}
-    wrong = [f"{name}: expected shape {spec.shape}, got {arrays[name].shape}"
-             for name, spec in layout.items() if arrays[name].shape != spec.shape]
-    if wrong:
-        raise ValueError("state_dict has wrongly shaped keys: " + "; ".join(wrong))
-    params: dict[str, Any] = {}
-    for name, spec in layout.items():
-        value = arrays[name].astype(np.float32)
-        node = params
-        for key in spec.flax_path[:-1]:
-            node = node.setdefault(key, {})
-        node[spec.flax_path[-1]] = np.ascontiguousarray(value.T if spec.transpose else value)
-    return {"params": params}
+    """PyTorch state_dict -> `{'params': tree}` of float32 numpy arrays for `ReverseViT` (strict)."""
+    return state_dict_to_params(state_dict, reverse_layout(cfg))

@@ -111,23 +111,24 @@ def _describe(missing: list[str], extra: list[str], what: str, limit: int = 12) 
     return "; ".join(parts)
 
 
-def flow_params_to_state_dict(params: Mapping[str, Any], model_cfg: Any) -> dict[str, np.ndarray]:
-    """Flax flow params -> ml-tarflow state_dict as contiguous float32 numpy arrays.
+def params_to_state_dict(params: Mapping[str, Any], layout: Mapping[str, TensorSpec], what: str,
+                         buffer_value=None) -> dict[str, np.ndarray]:
+    """Flax params (bare tree or `{'params': tree}`) -> state_dict of contiguous float32 arrays
+    following `layout`; keys without a Flax path are buffers, filled by `buffer_value(name, spec)`.
 
-    bfloat16 leaves are widened to float32 (exactly). Raises ValueError if the tree does
-    not have exactly the leaves the config implies.
+    bfloat16 leaves are widened to float32 (exactly). Raises ValueError naming every missing
+    or unexpected Flax leaf, or the first wrongly shaped one.
     """
-    layout = state_dict_layout(model_cfg)
     leaves = _flatten(_unwrap_params(params))
     wanted = {spec.flax_path for spec in layout.values() if spec.flax_path is not None}
     missing = sorted("/".join(p) for p in wanted - leaves.keys())
     extra = sorted("/".join(p) for p in leaves.keys() - wanted)
     if missing or extra:
-        raise ValueError(f"flow params do not match the config: {_describe(missing, extra, 'params')}")
+        raise ValueError(f"{what} params do not match the config: {_describe(missing, extra, 'params')}")
     state_dict = {}
     for name, spec in layout.items():
         if spec.flax_path is None:
-            state_dict[name] = _buffer_value(name, spec)
+            state_dict[name] = buffer_value(name, spec)
             continue
         value = np.asarray(leaves[spec.flax_path]).astype(np.float32)
         if spec.transpose:
@@ -139,15 +140,11 @@ def flow_params_to_state_dict(params: Mapping[str, Any], model_cfg: Any) -> dict
     return state_dict
 
 
-def state_dict_to_flow_params(state_dict: Mapping[str, Any], model_cfg: Any) -> dict[str, Any]:
-    """ml-tarflow state_dict -> `{'params': tree}` of float32 numpy arrays for our TARFlow.
-
-    Strict like torch's `load_state_dict(strict=True)`: a missing, unexpected or wrongly
-    shaped key raises ValueError naming it, and so does an `attn_mask` that is not causal
-    (it would be a different model). `var` is shape-checked only: it is a sampling-time
-    prior scale, not part of the flow, so whoever imports decides what to do with it.
-    """
-    layout = state_dict_layout(model_cfg)
+def state_dict_to_params(state_dict: Mapping[str, Any], layout: Mapping[str, TensorSpec],
+                         check_buffer=None) -> dict[str, Any]:
+    """state_dict -> `{'params': tree}` of float32 numpy arrays, strict like torch's
+    `load_state_dict(strict=True)`: a missing, unexpected or wrongly shaped key raises
+    ValueError naming it. Buffers (no Flax path) go to `check_buffer(name, value)`."""
     missing = [name for name in layout if name not in state_dict]
     extra = [name for name in state_dict if name not in layout]
     if missing or extra:
@@ -157,18 +154,36 @@ def state_dict_to_flow_params(state_dict: Mapping[str, Any], model_cfg: Any) -> 
              for name, spec in layout.items() if arrays[name].shape != spec.shape]
     if wrong:
         raise ValueError("state_dict has wrongly shaped keys: " + "; ".join(wrong))
-
     params: dict[str, Any] = {}
     for name, spec in layout.items():
         value = arrays[name].astype(np.float32)
         if spec.flax_path is None:
-            if name.endswith("attn_mask") and not np.array_equal(value, causal_mask(spec.shape[0])):
-                raise ValueError(f"{name} is not the lower-triangular causal mask the flow assumes")
+            if check_buffer is not None:
+                check_buffer(name, value)
             continue
-        if spec.transpose:
-            value = value.T
         node = params
         for key in spec.flax_path[:-1]:
             node = node.setdefault(key, {})
-        node[spec.flax_path[-1]] = np.ascontiguousarray(value)
+        node[spec.flax_path[-1]] = np.ascontiguousarray(value.T if spec.transpose else value)
     return {"params": params}
+
+
+def flow_params_to_state_dict(params: Mapping[str, Any], model_cfg: Any) -> dict[str, np.ndarray]:
+    """Flax flow params -> ml-tarflow state_dict (buffers `attn_mask` and `var` included)."""
+    return params_to_state_dict(params, state_dict_layout(model_cfg), "flow", _buffer_value)
+
+
+def _check_flow_buffer(name: str, value: np.ndarray) -> None:
+    if name.endswith("attn_mask") and not np.array_equal(value, causal_mask(value.shape[0])):
+        raise ValueError(f"{name} is not the lower-triangular causal mask the flow assumes")
+
+
+def state_dict_to_flow_params(state_dict: Mapping[str, Any], model_cfg: Any) -> dict[str, Any]:
+    """ml-tarflow state_dict -> `{'params': tree}` of float32 numpy arrays for our TARFlow.
+
+    Strict: a missing, unexpected or wrongly shaped key raises ValueError naming it, and so
+    does an `attn_mask` that is not causal (it would be a different model). `var` is
+    shape-checked only: it is a sampling-time prior scale, not part of the flow, so whoever
+    imports decides what to do with it.
+    """
+    return state_dict_to_params(state_dict, state_dict_layout(model_cfg), _check_flow_buffer)
