@@ -36,7 +36,8 @@ Gradient modes (PAPERS.md section 2):
       per aligned block.
   In both, blocks earlier in forward order get no gradient: nothing below block t runs.
 
-DINOv2 is frozen: its parameters are a constant closed over by the jitted step.
+DINOv2 is frozen: its parameters reach the jitted step as `Objective.frozen` arguments
+(replicated), not as trainable params and not as constants baked into the executable.
 """
 
 from __future__ import annotations
@@ -135,31 +136,38 @@ class Teacher:
     def width(self) -> int:
         return self.encoder.config.hidden_size
 
-    def __call__(self, images_uint8: Array) -> Array:
+    def apply(self, params: Any, images_uint8: Array) -> Array:
+        """Features with the given encoder params (the train step passes them as frozen args)."""
         x = likelihood.to_unit_range(images_uint8)  # the clean image, as in the paper
         if x.shape[-1] == 1:
             x = jnp.repeat(x, 3, axis=-1)
         x = preprocess_for_dino(x, self.resolution)
-        out = self.encoder.apply({"params": self.params}, x)
+        out = self.encoder.apply({"params": params}, x)
         return jax.lax.stop_gradient(out.patch_tokens.astype(jnp.float32))
+
+    def __call__(self, images_uint8: Array) -> Array:
+        return self.apply(self.params, images_uint8)
 
 
 @dataclasses.dataclass(frozen=True)
 class ConstantTeacher:
     """The same (grid*grid, width) features for every image: alignment without encoder cost."""
 
-    features: Array
+    params: Array  # (grid*grid, width) features
 
     @property
     def grid(self) -> int:
-        return int(round(self.features.shape[0] ** 0.5))
+        return int(round(self.params.shape[0] ** 0.5))
 
     @property
     def width(self) -> int:
-        return int(self.features.shape[1])
+        return int(self.params.shape[1])
+
+    def apply(self, params: Array, images_uint8: Array) -> Array:
+        return jnp.broadcast_to(params, (images_uint8.shape[0],) + params.shape)
 
     def __call__(self, images_uint8: Array) -> Array:
-        return jnp.broadcast_to(self.features, (images_uint8.shape[0],) + self.features.shape)
+        return self.apply(self.params, images_uint8)
 
 
 def tiny_encoder_config() -> DinoConfig:
@@ -367,8 +375,8 @@ def make_objective(model: TARFlow, config: ml_collections.ConfigDict,
                    teacher: Teacher | ConstantTeacher | None = None) -> train.Objective:
     """NLL + align.weight * alignment; trainable params {'flow': flow vars, 'projectors': {...}}.
 
-    `teacher` (uint8 images -> (N, grid*grid, width) features, with `grid` and `width`)
-    defaults to the encoder the config names; it is loaded here, so a missing weights file
+    `teacher` (`apply(params, uint8 images)` -> (N, grid*grid, width) features, with
+    `params`, `grid` and `width`) defaults to the encoder the config names; it is loaded here, so a missing weights file
     fails before any training. Benchmarks pass a ConstantTeacher to time the alignment
     without the encoder.
     """
@@ -389,16 +397,18 @@ def make_objective(model: TARFlow, config: ml_collections.ConfigDict,
                       for n, loc in enumerate(locations)}
         return {"flow": flow, "projectors": projectors}
 
-    def loss_fn(params, batch, rng, index):
+    def loss_fn(params, batch, rng, index, frozen):
         keys = jax.vmap(lambda k: jax.random.split(k, 2))(train.example_keys(rng, index))
         x, y = train.flow_inputs(config, batch, keys)
         z, logdets, records = forward_pass(model, params["flow"], x, y)
         nll = likelihood.nll_loss(z, logdets)
         hiddens = alignment_hiddens(model, params["flow"], z, records, y, locations, mode, passes)
-        align_loss = alignment_loss(projector, params["projectors"], hiddens, teacher(batch["image"]), grid)
+        target = teacher.apply(frozen["teacher"], batch["image"])
+        align_loss = alignment_loss(projector, params["projectors"], hiddens, target, grid)
         loss = nll + weight * align_loss
         return loss, {"loss": loss, "nll": nll, "align": align_loss,
                       "logdet": jnp.mean(jnp.sum(logdets, -1)), "z_sq": jnp.mean(jnp.square(z))}
 
-    return train.Objective(init=init, loss=loss_fn, flow_params=lambda params: params["flow"])
+    return train.Objective(init=init, loss=loss_fn, flow_params=lambda params: params["flow"],
+                           frozen={"teacher": teacher.params})
 

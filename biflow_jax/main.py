@@ -4,8 +4,8 @@ Config values can be overridden on the command line, e.g. `--config.optim.lr=3e-
 Modes: train (default: train or resume, report test bits/dim against a diagonal-Gaussian
 baseline, write a grid of exact-inverse samples); sample (exact-inverse samples from the
 workdir's EMA flow: --num_images, --labels, --solver, --out_dir); inpaint / class_edit
-(training-free editing grids from a stage-2 workdir); classify (the workdir's EMA flow as a classifier: training-free top-1 and a
-linear probe, on the test split).
+(training-free editing grids from a stage-2 workdir); classify (the workdir's EMA flow, or
+WORKDIR/forward's, as a classifier: training-free top-1 and a linear probe, on the test split).
 """
 
 from __future__ import annotations

@@ -134,12 +134,12 @@ def digits_align_config(**align):
 def test_training_without_weights_fails_at_start_naming_the_file(tmp_path):
     config = digits_align_config()
     assert config.align.weights == "" and not config.align.random_init
+    workdir = tmp_path / "run"
     with pytest.raises(FileNotFoundError, match="align.weights") as err:
-        train.train_and_evaluate(config, str(tmp_path))
+        train.train_and_evaluate(config, str(workdir))
     message = str(err.value)
     assert "dinov2_vits14_pretrain.pth" in message and "facebook/dinov2-small" in message
-    checkpoints = tmp_path / "checkpoints"
-    assert not checkpoints.exists() or not any(p.name.isdigit() for p in checkpoints.iterdir())
+    assert not workdir.exists()  # it failed before touching the workdir, let alone training
 
 
 def test_objective_adds_weighted_alignment_to_nll():
@@ -153,7 +153,7 @@ def test_objective_adds_weighted_alignment_to_nll():
     assert objective.flow_params(params) is params["flow"]
     images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
     batch = {"image": jnp.asarray(images), "label": jnp.arange(4) % 10}
-    loss, metrics = objective.loss(params, batch, jax.random.key(1), jnp.arange(4))
+    loss, metrics = objective.loss(params, batch, jax.random.key(1), jnp.arange(4), objective.frozen)
     assert -1.0 <= float(metrics["align"]) <= 1.0
     np.testing.assert_allclose(float(loss), float(metrics["nll"]) + 0.5 * float(metrics["align"]), rtol=1e-6)
     assert float(metrics["loss"]) == float(loss)
