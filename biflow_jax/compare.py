@@ -37,9 +37,13 @@ def side_by_side(left: np.ndarray, right: np.ndarray, per_row: int, gap: int = 1
     return np.concatenate(cells), 2 * per_row + gap
 
 
-def compare(reverse_workdir: str, out_dir: str | None = None, per_class: int = 10, seed: int = 0,
-            classifier_dir: str | None = None) -> dict[str, Any]:
-    """Sample both models from the same noise; write grids and return speed and quality figures."""
+def compare(reverse_workdir: str, out_dir: str | None = None, per_class: int = 30, seed: int = 0,
+            classifier_dir: str | None = None, grid_per_class: int = 10) -> dict[str, Any]:
+    """Sample both models from the same noise; write grids and return speed and quality figures.
+
+    `per_class` samples of each class are scored (the Frechet distance is biased upwards at
+    small counts, so compare figures at equal counts); the grid shows `grid_per_class`.
+    """
     config, reverse, rparams, flow, fparams = load_reverse(reverse_workdir)
     out_dir = out_dir or os.path.join(reverse_workdir, "samples")
     os.makedirs(out_dir, exist_ok=True)
@@ -59,7 +63,9 @@ def compare(reverse_workdir: str, out_dir: str | None = None, per_class: int = 1
     biflow0 = np.asarray(biflow0_fn(z))
     exact_u8, biflow_u8, biflow0_u8 = (sampling.images_to_uint8(v) for v in (exact, biflow, biflow0))
 
-    grid, nrow = side_by_side(exact_u8, biflow_u8, per_class)
+    shown = np.concatenate([np.arange(c * per_class, c * per_class + min(grid_per_class, per_class))
+                            for c in range(k)])
+    grid, nrow = side_by_side(exact_u8[shown], biflow_u8[shown], min(grid_per_class, per_class))
     grid_path = os.path.join(out_dir, "exact_vs_biflow.png")
     save_grid(grid, grid_path, nrow)
     np.savez(os.path.join(out_dir, "exact_vs_biflow.npz"), exact=exact_u8, biflow=biflow_u8,
