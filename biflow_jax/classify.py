@@ -9,7 +9,7 @@ argmax is that of the directional derivatives g_k.
 
 Inputs: 'dequantized' (default) are uniformly dequantised with fixed per-example
 noise, like the bits/dim evaluation and the digits training data; 'clean' are the
-8-bit values mapped to [-1, 1], the corners of the dequantisation bins.
+8-bit values k mapped to k / 127.5 - 1, which lie inside their dequantisation bins.
 
 Linear probe: mean over tokens of the hidden state after layer l of block t (forward
 pass, no label: the class-mean embedding), standardised, then closed-form ridge
@@ -88,13 +88,13 @@ def training_free_top1(config: ml_collections.ConfigDict, model: TARFlow, params
     """Top-1 accuracy of the training-free classifier over a split (default: the test split)."""
     seed = config.train.seed
 
-    @jax.jit
-    def predict(images, index):
-        return classify_training_free(model, params, model_inputs(images, index, inputs, seed))
+    @jax.jit  # params are an argument, not constants baked into the executable
+    def predict(flow_params, images, index):
+        return classify_training_free(model, flow_params, model_inputs(images, index, inputs, seed))
 
     correct = total = 0
     for images, labels, mask, offset in _batches(config, split or config.data.test_split):
-        pred = np.asarray(predict(jnp.asarray(images), offset + jnp.arange(len(mask))))
+        pred = np.asarray(predict(params, jnp.asarray(images), offset + jnp.arange(len(mask))))
         correct += int(((pred == labels) & mask).sum())
         total += int(mask.sum())
     return correct / max(total, 1)
@@ -103,27 +103,37 @@ def training_free_top1(config: ml_collections.ConfigDict, model: TARFlow, params
 # ---------------------------------------------------------------------------
 # Linear probe.
 
-def pooled_features(model: TARFlow, params: Any, x: Array) -> dict[Location, Array]:
+def probe_locations(model: TARFlow) -> tuple[Location, ...]:
+    """Every (block, layer) of a small flow; for a large one, each block's layer 3L/4 (the
+    paper's layer 6 of 8), so the stored features stay a few GB at most."""
+    if model.num_blocks * model.layers_per_block <= 16:
+        return tuple((b, l) for b in range(1, model.num_blocks + 1) for l in range(1, model.layers_per_block + 1))
+    layer = max(1, 3 * model.layers_per_block // 4)
+    return tuple((b, layer) for b in range(1, model.num_blocks + 1))
+
+
+def pooled_features(model: TARFlow, params: Any, x: Array,
+                    locations: tuple[Location, ...] | None = None) -> dict[Location, Array]:
     """{(block, layer) 1-indexed: mean over tokens of that layer's hidden (N, C)}, no label."""
     out = model.apply(params, x, None)
-    return {(b + 1, l + 1): h.astype(jnp.float32).mean(axis=1)
-            for b, layers in enumerate(out.hiddens) for l, h in enumerate(layers)}
+    return {(b, l): out.hiddens[b - 1][l - 1].astype(jnp.float32).mean(axis=1)
+            for b, l in (locations or probe_locations(model))}
 
 
 def collect_features(config: ml_collections.ConfigDict, model: TARFlow, params: Any, split: str,
                      inputs: str = "dequantized", limit: int | None = None
                      ) -> tuple[dict[Location, np.ndarray], np.ndarray]:
-    """Pooled features of every location over a split, and the labels."""
+    """Pooled features of the probe locations over a split, and the labels."""
     seed = config.train.seed
 
     @jax.jit
-    def features(images, index):
-        return pooled_features(model, params, model_inputs(images, index, inputs, seed))
+    def features(flow_params, images, index):
+        return pooled_features(model, flow_params, model_inputs(images, index, inputs, seed))
 
     parts: dict[Location, list[np.ndarray]] = {}
     labels = []
     for images, batch_labels, mask, offset in _batches(config, split, limit):
-        feats = jax.device_get(features(jnp.asarray(images), offset + jnp.arange(len(mask))))
+        feats = jax.device_get(features(params, jnp.asarray(images), offset + jnp.arange(len(mask))))
         for location, f in feats.items():
             parts.setdefault(location, []).append(np.asarray(f)[mask])
         labels.append(batch_labels[mask])
