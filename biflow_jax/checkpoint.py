@@ -78,6 +78,14 @@ def restore(mngr: ocp.CheckpointManager, step: int, params: Any, ema_params: Any
     return out.params, out.ema_params, out.opt_state, out.meta
 
 
+def restore_item(mngr: ocp.CheckpointManager, step: int, item: str) -> Any:
+    """One saved tree, without a target: in its saved shardings where this run has those devices,
+    else replicated over this run's devices (a run saved on another device count or processes)."""
+    everywhere = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices(), ("data",)), jax.sharding.PartitionSpec())
+    args = ocp.args.Composite(**{item: ocp.args.StandardRestore(fallback_sharding=everywhere)})
+    return mngr.restore(step, args=args)[item]
+
+
 def load_flow(workdir: str, ema: bool = True):
     """(config, model, params) of the latest checkpoint of a stage-1 (forward flow) workdir."""
     from biflow_jax.models.tarflow import build_flow
@@ -90,7 +98,7 @@ def load_flow(workdir: str, ema: bool = True):
     item = "ema_params" if ema else "params"
     model = build_flow(config.model)
     expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example_inputs(config)))
-    restored = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))[item]
+    restored = restore_item(mngr, step, item)
     if "flow" in restored:  # objectives that train more than the flow keep it under "flow"
         restored = restored["flow"]
     check_tree(expected, restored, f"checkpoint {workdir!r} step {step}")

@@ -11,9 +11,12 @@ training loop behind `ParallelStep`:
 - `fully_sharded` (backend 'jit' with fsdp=True): params, EMA and optimizer state sharded
   over the mesh (`fsdp_shardings`). The global step is `vmap(device_step)` with
   `spmd_axis_name`, jitted with GSPMD: XLA's partitioner all-gathers the params for the
-  forward, reduces the gradients onto their shards and runs the optimizer shard-wise,
-  including optax's global-norm clip (which a hand-written shard_map would compute on a
+  forward, reduces the gradients onto their shards (an all-reduce and a slice on CPU, which
+  the GPU/TPU pipelines can turn into a reduce-scatter) and runs the optimizer shard-wise,
+  including optax's global-norm clip (which a hand-written shard_map would compute on one
   shard only). The step itself is the same `device_step`, so the modes cannot drift apart.
+  Between steps a device holds 1/N of the state; within one it holds the gathered params
+  and the gradients whole (no per-layer gathering).
 
 Checkpoints only ever see global arrays (`ParallelStep.from_backend`): replicated, or
 sharded in fsdp mode. Orbax restores them into whatever shardings the target asks for,
@@ -117,12 +120,8 @@ def pmapped(device_step: Callable, mesh: Mesh) -> ParallelStep:
 
         return jax.tree_util.tree_map(take, tree)
 
-    def put_batch(batch):
-        per_device = {k: v.reshape((len(local), -1) + v.shape[1:]) for k, v in batch.items()}
-        if any(v.shape[1] == 0 for v in per_device.values()):
-            raise ValueError(f"a local batch of {len(next(iter(batch.values())))} does not fill "
-                             f"{len(local)} local devices")
-        return per_device
+    def put_batch(batch):  # (local batch, ...) -> (local devices, per device, ...); pmap copies it over
+        return {k: v.reshape((len(local), v.shape[0] // len(local)) + v.shape[1:]) for k, v in batch.items()}
 
     return ParallelStep(run, to_backend, from_backend, put_batch)
 

@@ -1,9 +1,10 @@
 """Training loop for the forward flow: one jitted step on a device mesh, Orbax, clu metrics.
 
 The step is written once, per device, with named-axis collectives over the batch
-axis 'data'; `make_train_step` wraps it in `shard_map` under `jit` (the default, for
-TPU pods and GPUs). Every example draws its noise from a key folded with its global
-index, so results do not depend on how the batch is split over devices.
+axis 'data'; `make_train_step` runs it as config.parallel asks (biflow_jax.parallel):
+`shard_map` under `jit` (the default, for TPU pods and GPUs), `pmap`, or fully sharded
+(fsdp). Every example draws its noise from a key folded with its global index, so
+results do not depend on how the batch is split over devices.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from biflow_jax import checkpoint, input_pipeline, likelihood, parallel
@@ -163,18 +165,26 @@ def make_train_step(loss_fn: Callable, optimizer, config: ml_collections.ConfigD
     raise ValueError(f"parallel.backend={backend!r} is not supported (use 'jit' or 'pmap')")
 
 
+def fresh_state(objective: Objective, optimizer, config: ml_collections.ConfigDict) -> TrainState:
+    params = objective.init(jax.random.key(config.train.seed))
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), params, jnp.zeros((), jnp.int32))
+
+
 def init_state(objective: Objective, optimizer, config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
     """Fresh parameters as global arrays: replicated over the mesh, or sharded with parallel.fsdp.
 
     Created in place with their final shardings, so an fsdp state never exists whole on one device.
     """
-
-    def init():
-        params = objective.init(jax.random.key(config.train.seed))
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), params,
-                          jnp.zeros((), jnp.int32))
-
+    init = functools.partial(fresh_state, objective, optimizer, config)
     return jax.jit(init, out_shardings=state_shardings(jax.eval_shape(init), config, mesh))()
+
+
+def abstract_state(objective: Objective, optimizer, config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
+    """What init_state would return, as ShapeDtypeStructs with shardings: a restore target that
+    costs neither compiling nor running the initialiser, in any device count or parallel mode."""
+    shapes = jax.eval_shape(functools.partial(fresh_state, objective, optimizer, config))
+    return jax.tree_util.tree_map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                                  shapes, state_shardings(shapes, config, mesh))
 
 
 def state_shardings(state: Any, config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
@@ -217,8 +227,9 @@ def evaluate_bpd(bpd_fn: Callable, config: ml_collections.ConfigDict, mesh: Mesh
     total, count, offset = 0.0, 0, 0
     for batch in input_pipeline.eval_batches(config, split):
         g = input_pipeline.to_global(batch, sharding)
-        values = np.asarray(jax.device_get(bpd_fn(params, g["image"], g["label"], offset)))
-        mask = np.asarray(jax.device_get(g["mask"]))
+        # The whole global batch on every process (device_get cannot read other processes' shards).
+        values = multihost_utils.process_allgather(bpd_fn(params, g["image"], g["label"], offset), tiled=True)
+        mask = multihost_utils.process_allgather(g["mask"], tiled=True)
         total += float(values[mask].sum())
         count += int(mask.sum())
         offset += len(mask)
@@ -269,10 +280,12 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, objective: Obj
         if diffs:
             raise ValueError(f"workdir {workdir!r} holds a run of another configuration: " + "; ".join(diffs))
     checkpoint.write_config(workdir, config)
-    state = init_state(objective, optimizer, config, mesh)
-    if latest is not None:
-        params, ema, opt_state, meta = checkpoint.restore(mngr, latest, state.params, state.ema_params,
-                                                          state.opt_state)
+    if latest is None:
+        state = init_state(objective, optimizer, config, mesh)
+    else:  # straight into this run's shardings, whatever the mode and device count of the saving run
+        target = abstract_state(objective, optimizer, config, mesh)
+        params, ema, opt_state, meta = checkpoint.restore(mngr, latest, target.params, target.ema_params,
+                                                          target.opt_state)
         state = TrainState(jnp.asarray(meta["step"], jnp.int32), params, opt_state, ema, jnp.zeros((), jnp.int32))
         logging.info("resumed from step %d", meta["step"])
     start = int(state.step)
@@ -284,9 +297,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, objective: Obj
     train_step = make_train_step(objective.loss, optimizer, config, mesh)
     frozen = None if objective.frozen is None else jax.device_put(objective.frozen, NamedSharding(mesh, P()))
     batches = input_pipeline.train_batches(config, position=start)
-    state = train_step.to_backend(state)  # pmap: one replica per local device; jit: as is
     say(f"training {count_params(state.params):,} params from step {start} to {config.train.steps} "
         f"on {jax.device_count()} device(s)")
+    state = train_step.to_backend(state)  # pmap: one replica per local device; jit: as is
 
     results: dict[str, float] = {}
     for step in range(start + 1, config.train.steps + 1):
