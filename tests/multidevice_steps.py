@@ -25,12 +25,12 @@ def run(devices, config, batches):
     objective = train.make_objective(model, config)
     state = train.init_state(objective, optimizer, config, mesh)
     step = train.make_train_step(objective.loss, optimizer, config, mesh)
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.AXIS))
+    state = step.to_backend(state)  # the backend's layout (pmap: one replica per device)
     losses = []
     for batch in batches:
-        state, metrics = step(state, {k: jax.device_put(v, sharding) for k, v in batch.items()})
+        state, metrics = step(state, step.put_batch(batch))
         losses.append(float(metrics["loss"]))
-    return np.array(losses), jax.device_get(state.params)
+    return np.array(losses), jax.device_get(step.from_backend(state.params))
 
 
 def main():
