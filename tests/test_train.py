@@ -19,13 +19,13 @@ from configs import digits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 100
-OVERRIDES = [f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=50", "--config.train.eval_every=100",
+OVERRIDES = ["--config.stage=flow", f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=50", "--config.train.eval_every=100",
              "--config.train.log_every=50", "--config.train.keep_checkpoints=3"]
 
 
 def short_config():
     config = digits.get_config("quick")
-    for flag in OVERRIDES:
+    for flag in OVERRIDES[1:]:  # the train.* integers (stage is main's business)
         key, value = flag[len("--config."):].split("=")
         section, name = key.split(".")
         config[section][name] = int(value)
