@@ -45,3 +45,5 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"optim.warmup_steps={o.warmup_steps} must be smaller than train.steps={t.steps}")
     require(config.parallel.backend in ("jit", "pmap"),
             f"parallel.backend={config.parallel.backend!r} must be 'jit' or 'pmap'")
+    require(not (config.parallel.get("fsdp", False) and config.parallel.backend == "pmap"),
+            "parallel.fsdp=True needs parallel.backend='jit' (pmap keeps a full replica per device)")

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from biflow_jax import checkpoint, input_pipeline, likelihood, train
@@ -106,8 +107,9 @@ def make_reconstruction_eval(flow: TARFlow, reverse: ReverseViT, mesh: Mesh) -> 
         total, count = 0.0, 0
         for batch in input_pipeline.eval_batches(config):
             g = input_pipeline.to_global(batch, batch_sharding)
-            values = np.asarray(jax.device_get(mse(params, flow_params, g["image"], g["label"])))
-            mask = np.asarray(jax.device_get(g["mask"]))
+            # The whole global batch on every process (device_get cannot read other processes' shards).
+            values = multihost_utils.process_allgather(mse(params, flow_params, g["image"], g["label"]), tiled=True)
+            mask = multihost_utils.process_allgather(g["mask"], tiled=True)
             total += float(values[mask].sum())
             count += int(mask.sum())
         return total / max(count, 1)
@@ -157,9 +159,7 @@ def load_reverse(workdir: str, ema: bool = True):
     step = mngr.latest_step()
     if step is None:
         raise FileNotFoundError(f"stage-2 workdir {workdir!r} has no checkpoint yet")
-    item = "ema_params" if ema else "params"
-    restored = mngr.restore(step, args=checkpoint.ocp.args.Composite(
-        **{item: checkpoint.ocp.args.StandardRestore()}))[item]
+    restored = checkpoint.restore_item(mngr, step, "ema_params" if ema else "params")
     mngr.close()
     init = biflow_objective(flow, flow_params, reverse, config).init
     checkpoint.check_tree(jax.eval_shape(init, jax.random.key(0)), restored, f"checkpoint {workdir!r} step {step}")
