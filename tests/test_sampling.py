@@ -239,9 +239,10 @@ def test_run_sample_writes_grid_and_npz(one_block_flow, tmp_path, monkeypatch):
     assert saved["images"].shape == (12, 8, 8, 1) and saved["images"].dtype == np.uint8
     np.testing.assert_array_equal(saved["labels"], np.arange(12) % NUM_CLASSES)
     assert saved["images"].std() > 0
-    # One row per class (10 rows), as many columns as the most frequent class (2), 2px padding.
+    # One row per class (10 rows), as many columns as the most frequent class (2), 2px padding;
+    # 8x8 images are enlarged 4x (to at least 32 px) so a person can see them.
     with Image.open(tmp_path / "samples" / "samples.png") as png:
-        assert png.size == (2 * 10 + 2, 10 * 10 + 2)
+        assert png.size == (2 * 34 + 2, 10 * 34 + 2)
 
 
 def test_run_sample_reports_a_missing_workdir(tmp_path, monkeypatch):
