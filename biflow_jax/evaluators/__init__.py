@@ -1,0 +1,1 @@
+"""Evaluators: run -> metrics (bits/dim, reconstruction, FID family, classification, grids)."""

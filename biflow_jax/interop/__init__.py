@@ -1,0 +1,1 @@
+"""Weight formats: PyTorch/transformers/diffusers layouts to our params trees and back (numpy only)."""
