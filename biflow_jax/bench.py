@@ -14,15 +14,16 @@ import json
 import math
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biflow_jax import sampling
 from biflow_jax.models.reverse import build_reverse, reverse_config
 from biflow_jax.models.tarflow import TARFlow, count_params
+from biflow_jax.samplers import exact_inverse
 
 
 def perturb_proj_out(params: Any, rng: jax.Array, scale: float = 0.02) -> Any:
@@ -118,7 +119,7 @@ def bench_sample(args: argparse.Namespace) -> dict:
     params = model.init(init_rng, jnp.zeros((1, img, img, args.in_channels)), None if labels is None else labels[:1])
     if args.proj_out_scale > 0:
         params = perturb_proj_out(params, proj_rng, args.proj_out_scale)
-    guidance = sampling.Guidance(scale=args.guidance)
+    guidance = exact_inverse.Guidance(scale=args.guidance)
     z = jax.random.normal(noise_rng, (args.batch, model.num_tokens, model.token_dim))
 
     width = args.reverse_width or args.channels
@@ -129,18 +130,18 @@ def bench_sample(args: argparse.Namespace) -> dict:
     rparams = reverse.init(rev_rng, z[:1], None if labels is None else labels[:1], jnp.zeros((1,)))
     one_nfe = jax.jit(lambda zz: reverse.apply(rparams, zz, labels, None).image_tokens)
 
-    cached_s = time_call(lambda: sampling.inverse_cached(model, params, z, labels, guidance), args.repeats)
+    cached_s = time_call(lambda: exact_inverse.inverse_cached(model, params, z, labels, guidance), args.repeats)
     biflow_s = time_call(lambda: one_nfe(z), args.repeats)
     jacobi_repeats = args.repeats if args.jacobi_repeats < 0 else args.jacobi_repeats
-    jacobi_s = (time_call(lambda: sampling.inverse_jacobi(model, params, z, labels, guidance, args.jacobi_tol),
+    jacobi_s = (time_call(lambda: exact_inverse.inverse_jacobi(model, params, z, labels, guidance, args.jacobi_tol),
                           jacobi_repeats) if jacobi_repeats else math.nan)
-    naive_s = (time_call(lambda: sampling.inverse_naive(model, params, z, labels, guidance), args.naive_repeats)
+    naive_s = (time_call(lambda: exact_inverse.inverse_naive(model, params, z, labels, guidance), args.naive_repeats)
                if args.naive_repeats else math.nan)
 
     iters, jacobi_err = [], math.nan
     if jacobi_repeats:
-        x_cached = sampling.inverse_cached(model, params, z, labels, guidance)
-        x_jacobi, iters = sampling.inverse_jacobi(model, params, z, labels, guidance, args.jacobi_tol)
+        x_cached = exact_inverse.inverse_cached(model, params, z, labels, guidance)
+        x_jacobi, iters = exact_inverse.inverse_jacobi(model, params, z, labels, guidance, args.jacobi_tol)
         jacobi_err = float(jnp.max(jnp.abs(x_jacobi.astype(jnp.float32) - x_cached.astype(jnp.float32))))
 
     flow_params, reverse_params = count_params(params), count_params(rparams)
@@ -219,12 +220,14 @@ def bench_train(args: argparse.Namespace) -> dict:
     Same flow, batch, optimizer, EMA and jitted loop (`train.make_train_step`); the
     variants are timed in interleaved rounds so machine noise hits all of them alike.
     """
-    from biflow_jax import alignment, input_pipeline, train
+    from biflow_jax import train
+    from biflow_jax.data import input_pipeline
     from biflow_jax.models.tarflow import build_flow
+    from biflow_jax.objectives import rrepa
 
     config = load_config_file(args.config)
     if "align" not in config:
-        config.align = alignment.default_align_config()
+        config.align = rrepa.default_align_config()
     m = config.model
     sizes = dict(img_size=args.img_size, in_channels=args.in_channels, patch_size=args.patch,
                  channels=args.channels, head_dim=args.head_dim, num_blocks=args.blocks,
@@ -249,18 +252,18 @@ def bench_train(args: argparse.Namespace) -> dict:
         config.align.resolution = args.resolution
     if args.projector_hidden:
         config.align.projector_hidden = args.projector_hidden
-    alignment.validate_align(config)
+    rrepa.validate_align(config)
 
     model = build_flow(m)
     mesh = train.make_mesh()
     optimizer = train.make_optimizer(config)
-    teacher = alignment.make_teacher(config.align, seed=0)
-    constant = alignment.ConstantTeacher(
+    teacher = rrepa.make_teacher(config.align, seed=0)
+    constant = rrepa.ConstantTeacher(
         jax.random.normal(jax.random.key(1), (teacher.grid**2, teacher.width), jnp.float32))
     objectives = {
         "nll": train.flow_objective(model, config),
-        "align_no_encoder": alignment.make_objective(model, config, constant),
-        "align_with_encoder": alignment.make_objective(model, config, teacher),
+        "align_no_encoder": rrepa.make_objective(model, config, constant),
+        "align_with_encoder": rrepa.make_objective(model, config, teacher),
     }
     n = config.train.batch_size
     rng = np.random.default_rng(0)

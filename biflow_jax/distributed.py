@@ -28,8 +28,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from absl import flags
-from absl import logging
+from absl import flags, logging
 
 DEFAULT_COORDINATOR_PORT = 12355
 MODES = ("auto", "on", "off")

@@ -57,7 +57,8 @@ def run_stage1(config, workdir: str) -> None:
 
 
 def run_stage2(config, workdir: str, forward_workdir: str | None = None) -> None:
-    from biflow_jax import compare, reverse_training, train
+    from biflow_jax import reverse_training, train
+    from biflow_jax.modes import compare
 
     results = reverse_training.train_reverse(reverse_training.stage2_config(config, forward_workdir), workdir)
     train.say(f"BiFlow reverse model: test reconstruction MSE of G(F(x)) (EMA) {results['test_recon_mse']:.4f}")
@@ -75,7 +76,8 @@ def run_stage2(config, workdir: str, forward_workdir: str | None = None) -> None
 
 
 def run_sample(config, workdir: str) -> None:
-    from biflow_jax import sample, train
+    from biflow_jax import train
+    from biflow_jax.modes import sample
 
     labels = [int(v) for v in FLAGS.labels] if FLAGS.labels else None
     out = sample.run_sample(config, workdir, num_images=FLAGS.num_images, labels=labels,
@@ -87,9 +89,10 @@ def run_sample(config, workdir: str) -> None:
 def run_edit(config, workdir: str) -> None:
     """Training-free editing with a stage-2 (BiFlow) workdir: inpainting or class editing grids."""
     del config  # the workdir's own config is used
-    from biflow_jax import edit_demos, train
+    from biflow_jax import train
+    from biflow_jax.modes import edit
 
-    out = (edit_demos.run_inpaint if FLAGS.mode == "inpaint" else edit_demos.run_class_edit)(
+    out = (edit.run_inpaint if FLAGS.mode == "inpaint" else edit.run_class_edit)(
         workdir, out_dir=FLAGS.out_dir)
     train.say(f"{FLAGS.mode}: {out['grid']}")
 
@@ -104,7 +107,8 @@ def run_classify(config, workdir: str) -> None:
     """The stage-1 flow of WORKDIR (or of WORKDIR/forward, for a two-stage run) as a classifier."""
     import os
 
-    from biflow_jax import checkpoint, classify, train
+    from biflow_jax import checkpoint, train
+    from biflow_jax.evaluators import classify
 
     forward = os.path.join(workdir, "forward")
     if not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)) and os.path.isdir(forward):

@@ -16,7 +16,8 @@ All functions are pure and jit-friendly; static options are keyword arguments.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

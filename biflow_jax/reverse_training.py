@@ -8,17 +8,19 @@ to every x^i (hidden alignment) and finally to the clean image (learned denoisin
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from biflow_jax import checkpoint, input_pipeline, likelihood, train
+from biflow_jax import checkpoint, likelihood, train
 from biflow_jax.config_checks import ConfigError, require, validate_config
+from biflow_jax.data import input_pipeline
 from biflow_jax.models.reverse import ReverseViT, build_reverse
 from biflow_jax.models.tarflow import TARFlow, patchify
 from biflow_jax.reverse_objective import OBJECTIVES, guided_training_outputs

@@ -1,7 +1,7 @@
 """Training loop for the forward flow: one jitted step on a device mesh, Orbax, clu metrics.
 
 The step is written once, per device, with named-axis collectives over the batch
-axis 'data'; `make_train_step` runs it as config.parallel asks (biflow_jax.parallel):
+axis 'data'; `make_train_step` runs it as config.parallel asks (biflow_jax.sharding):
 `shard_map` under `jit` (the default, for TPU pods and GPUs), `pmap`, or fully sharded
 (fsdp). Every example draws its noise from a key folded with its global index, so
 results do not depend on how the batch is split over devices.
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -24,10 +24,12 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from biflow_jax import checkpoint, input_pipeline, likelihood, parallel
+from biflow_jax import checkpoint, likelihood, sharding
 from biflow_jax.config_checks import validate_config
+from biflow_jax.data import input_pipeline
 from biflow_jax.models.gaussian import DiagonalGaussian
 from biflow_jax.models.tarflow import build_flow, count_params
 
@@ -120,9 +122,9 @@ def flow_objective(model, config: ml_collections.ConfigDict) -> Objective:
 def make_objective(model, config: ml_collections.ConfigDict) -> Objective:
     """The objective a config asks for."""
     if "align" in config and config.align.enabled:  # R-REPA: NLL + alignment with a frozen DINOv2
-        from biflow_jax import alignment
+        from biflow_jax.objectives import rrepa
 
-        return alignment.make_objective(model, config)
+        return rrepa.make_objective(model, config)
     return flow_objective(model, config)
 
 
@@ -146,23 +148,23 @@ def device_step(state: TrainState, batch: dict, frozen: Any = None, *, loss_fn: 
 
 
 def make_train_step(loss_fn: Callable, optimizer, config: ml_collections.ConfigDict,
-                    mesh: Mesh) -> parallel.ParallelStep:
+                    mesh: Mesh) -> sharding.ParallelStep:
     """device_step run the way config.parallel asks: step(state, batch, frozen=None), state donated.
 
     The state and batch are in the backend's layout: the loop converts once with
     `step.to_backend(state)`, feeds `step.put_batch(local numpy batch)` and takes
-    `step.from_backend(tree)` to evaluate or save (both identities for jit; see biflow_jax.parallel).
+    `step.from_backend(tree)` to evaluate or save (both identities for jit; see biflow_jax.sharding).
     """
     step = functools.partial(device_step, loss_fn=loss_fn, optimizer=optimizer,
                              ema_decay=config.train.ema_decay, seed=config.train.seed)
     backend, fsdp = config.parallel.backend, config.parallel.get("fsdp", False)
     if backend == "jit":
-        return parallel.fully_sharded(step, mesh) if fsdp else parallel.replicated_jit(step, mesh)
+        return sharding.fully_sharded(step, mesh) if fsdp else sharding.replicated_jit(step, mesh)
     if backend == "pmap":
         if fsdp:
-            raise ValueError("parallel.fsdp=True needs parallel.backend='jit' (pmap keeps a whole state per device)")
-        return parallel.pmapped(step, mesh)
-    raise ValueError(f"parallel.backend={backend!r} is not supported (use 'jit' or 'pmap')")
+            raise ValueError("sharding.fsdp=True needs sharding.backend='jit' (pmap keeps a whole state per device)")
+        return sharding.pmapped(step, mesh)
+    raise ValueError(f"sharding.backend={backend!r} is not supported (use 'jit' or 'pmap')")
 
 
 def fresh_state(objective: Objective, optimizer, config: ml_collections.ConfigDict) -> TrainState:
@@ -171,7 +173,7 @@ def fresh_state(objective: Objective, optimizer, config: ml_collections.ConfigDi
 
 
 def init_state(objective: Objective, optimizer, config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
-    """Fresh parameters as global arrays: replicated over the mesh, or sharded with parallel.fsdp.
+    """Fresh parameters as global arrays: replicated over the mesh, or sharded with sharding.fsdp.
 
     Created in place with their final shardings, so an fsdp state never exists whole on one device.
     """
@@ -190,8 +192,8 @@ def abstract_state(objective: Objective, optimizer, config: ml_collections.Confi
 def state_shardings(state: Any, config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
     """Where each leaf of a (possibly abstract) train state lives between steps, per config.parallel."""
     if config.parallel.get("fsdp", False):
-        return parallel.fsdp_shardings(state, mesh)
-    return parallel.replicated_shardings(state, mesh)
+        return sharding.fsdp_shardings(state, mesh)
+    return sharding.replicated_shardings(state, mesh)
 
 
 def make_eval_fn(apply_fn: Callable, mesh: Mesh, seed: int) -> Callable:

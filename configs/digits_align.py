@@ -17,7 +17,7 @@ of the block).
 
 import ml_collections
 
-from biflow_jax.alignment import default_align_config
+from biflow_jax.objectives.rrepa import default_align_config
 from configs import digits
 
 

@@ -10,7 +10,7 @@ Needs `--config.align.weights=` a transformers `facebook/dinov2-base` directory 
 
 import ml_collections
 
-from biflow_jax.alignment import default_align_config
+from biflow_jax.objectives.rrepa import default_align_config
 from configs import imagenet64
 
 

@@ -13,7 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import jax
 import numpy as np
 
-from biflow_jax import input_pipeline, train
+from biflow_jax import train
+from biflow_jax.data import input_pipeline
 from biflow_jax.models.tarflow import build_flow
 from configs import digits
 

@@ -7,15 +7,15 @@ zeros); "non-zero" means a squared norm above 1e-12.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from biflow_jax import alignment, train
+from biflow_jax import train
 from biflow_jax.bench import perturb_proj_out
 from biflow_jax.models.tarflow import TARFlow, build_flow, patchify
+from biflow_jax.objectives import rrepa
 
 NUM_BLOCKS = 4
 
@@ -31,15 +31,15 @@ def flow():
 
 def block_grad_norms(model, params, x, mode, passes, location=(2, 1)):
     """Squared gradient norm of the alignment loss alone, per flow block (blocks_0 .. blocks_3)."""
-    projector = alignment.Projector(32, 8)
-    proj_params = {alignment.location_name(location):
+    projector = rrepa.Projector(32, 8)
+    proj_params = {rrepa.location_name(location):
                    projector.init(jax.random.key(3), jnp.zeros((1, 1, model.channels)))["params"]}
     target = jax.random.normal(jax.random.key(4), (x.shape[0], 4, 8))  # 2x2 grid: tokens area-pooled
 
     def loss(flow_params):
-        z, _, records = alignment.forward_pass(model, flow_params, x, None)
-        hiddens = alignment.alignment_hiddens(model, flow_params, z, records, None, [location], mode, passes)
-        return alignment.alignment_loss(projector, proj_params, hiddens, target, grid=2)
+        z, _, records = rrepa.forward_pass(model, flow_params, x, None)
+        hiddens = rrepa.alignment_hiddens(model, flow_params, z, records, None, [location], mode, passes)
+        return rrepa.alignment_loss(projector, proj_params, hiddens, target, grid=2)
 
     grads = jax.grad(loss)(params)["params"]
     return [float(sum(jnp.sum(g * g) for g in jax.tree_util.tree_leaves(grads[f"blocks_{i}"])))
@@ -70,17 +70,17 @@ def test_alignment_gradient_reaches_exactly_the_stated_blocks(flow, mode, passes
 def test_reverse_pass_features_equal_forward_features(flow, passes):
     """Teacher forcing: the reverse pass sees the forward states in value (tolerance 1e-5)."""
     model, params, x = flow
-    z, _, records = alignment.forward_pass(model, params, x, None)
+    z, _, records = rrepa.forward_pass(model, params, x, None)
     locations = [(2, 1), (3, 1), (4, 1)]
-    forward = alignment.alignment_hiddens(model, params, z, records, None, locations, "forward")
-    reverse = alignment.alignment_hiddens(model, params, z, records, None, locations, "reverse", passes)
+    forward = rrepa.alignment_hiddens(model, params, z, records, None, locations, "forward")
+    reverse = rrepa.alignment_hiddens(model, params, z, records, None, locations, "reverse", passes)
     for loc in locations:
         np.testing.assert_allclose(np.asarray(reverse[loc]), np.asarray(forward[loc]), atol=1e-5, rtol=0)
 
 
 def test_forward_pass_matches_the_model(flow):
     model, params, x = flow
-    z, logdets, _ = alignment.forward_pass(model, params, x, None)
+    z, logdets, _ = rrepa.forward_pass(model, params, x, None)
     out = model.apply(params, x)
     np.testing.assert_allclose(np.asarray(z), np.asarray(out.z), atol=1e-6, rtol=0)
     np.testing.assert_allclose(np.asarray(logdets), np.asarray(out.logdets), atol=1e-6, rtol=0)
@@ -98,9 +98,9 @@ def test_raster_features_undo_the_flip_and_the_shift(flow):
     bumped = tokens.at[:, r].add(0.5)
 
     def features(t):
-        hidden = model.apply(params, 1, alignment.block_order(t, 1), None,
+        hidden = model.apply(params, 1, rrepa.block_order(t, 1), None,
                              method=TARFlow.block_transform)[2][0]
-        return np.asarray(alignment.raster_features(hidden, flip=True))
+        return np.asarray(rrepa.raster_features(hidden, flip=True))
 
     changed = np.abs(features(bumped) - features(tokens)).max(axis=(0, 2)) > 1e-6
     np.testing.assert_array_equal(changed, np.arange(tokens.shape[1]) < r)
@@ -110,16 +110,16 @@ def test_raster_features_positions():
     """Block-order hidden t holds the value t: raster token r of a flipped 4-token block is
     block token 3 - r, fed by hidden 2 - r (token 0, raster 3, by hidden 0)."""
     hidden = jnp.arange(4.0)[None, :, None]
-    np.testing.assert_array_equal(np.asarray(alignment.raster_features(hidden, flip=True))[0, :, 0], [2, 1, 0, 0])
-    np.testing.assert_array_equal(np.asarray(alignment.raster_features(hidden, flip=False))[0, :, 0], [0, 0, 1, 2])
+    np.testing.assert_array_equal(np.asarray(rrepa.raster_features(hidden, flip=True))[0, :, 0], [2, 1, 0, 0])
+    np.testing.assert_array_equal(np.asarray(rrepa.raster_features(hidden, flip=False))[0, :, 0], [0, 0, 1, 2])
 
 
 def test_to_grid_area_pools_and_keeps_matching_grids():
     features = jnp.arange(16.0).reshape(1, 16, 1)  # 4x4 grid, value = raster index
-    pooled = np.asarray(alignment.to_grid(features, 2))[0, :, 0]
+    pooled = np.asarray(rrepa.to_grid(features, 2))[0, :, 0]
     np.testing.assert_allclose(pooled, [2.5, 4.5, 10.5, 12.5], atol=1e-6)
-    assert alignment.to_grid(features, 4) is features
-    assert alignment.to_grid(features, 3).shape == (1, 9, 1)
+    assert rrepa.to_grid(features, 4) is features
+    assert rrepa.to_grid(features, 3).shape == (1, 9, 1)
 
 
 def digits_align_config(**align):
@@ -146,8 +146,8 @@ def test_objective_adds_weighted_alignment_to_nll():
     """A constant teacher on a 2x2 grid stands in for DINOv2 (whose port has its own tests)."""
     config = digits_align_config(projector_hidden=32, weight=0.5, locations=[(3, 1), (4, 1)])
     model = build_flow(config.model)
-    teacher = alignment.ConstantTeacher(jax.random.normal(jax.random.key(5), (4, 8)))
-    objective = alignment.make_objective(model, config, teacher)
+    teacher = rrepa.ConstantTeacher(jax.random.normal(jax.random.key(5), (4, 8)))
+    objective = rrepa.make_objective(model, config, teacher)
     params = objective.init(jax.random.key(0))
     assert set(params["projectors"]) == {"block3_layer1", "block4_layer1"}
     assert objective.flow_params(params) is params["flow"]
@@ -161,5 +161,5 @@ def test_objective_adds_weighted_alignment_to_nll():
 
 def test_invalid_location_is_a_config_error():
     config = digits_align_config(random_init=True, encoder="tiny", locations=[(5, 1)])
-    with pytest.raises(alignment.ConfigError, match="align.locations block 5"):
-        alignment.validate_align(config)
+    with pytest.raises(rrepa.ConfigError, match="align.locations block 5"):
+        rrepa.validate_align(config)

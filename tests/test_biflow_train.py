@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from biflow_jax import checkpoint, input_pipeline, reverse_training, train
+from biflow_jax import checkpoint, reverse_training, train
 from biflow_jax.config_checks import ConfigError
+from biflow_jax.data import input_pipeline
 from biflow_jax.models.tarflow import build_flow
 from configs import digits
 
@@ -84,10 +85,10 @@ def test_train_reverse_end_to_end_leaves_stage1_checkpoint_untouched(forward_wor
     assert out.image_tokens.shape == (2, 16, 4)
     from PIL import Image
 
-    from biflow_jax import edit_demos
+    from biflow_jax.modes import edit
 
-    inpainted = edit_demos.run_inpaint(str(tmp_path / "stage2"), count=4)
-    edited = edit_demos.run_class_edit(str(tmp_path / "stage2"), count=2)
+    inpainted = edit.run_inpaint(str(tmp_path / "stage2"), count=4)
+    edited = edit.run_class_edit(str(tmp_path / "stage2"), count=2)
     # 5 rows of 4 images / 2 rows of 1 + 10 images, each 8x8 enlarged 4x, 2-pixel padding.
     assert Image.open(inpainted["grid"]).size == (4 * 34 + 2, 5 * 34 + 2)
     assert Image.open(edited["grid"]).size == (11 * 34 + 2, 2 * 34 + 2)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from biflow_jax import checkpoint, classify, train
+from biflow_jax import checkpoint, train
+from biflow_jax.evaluators import classify
 from biflow_jax.models.tarflow import TARFlow, unpatchify
 
 K, T, D, C = 4, 16, 4, 16  # classes, tokens (8x8 image, patch 2), token dims, width

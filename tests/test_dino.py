@@ -21,17 +21,17 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from biflow_jax.dino_preprocess import (  # noqa: E402
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    preprocess_for_dino,
-)
-from biflow_jax.dino_weights import hub_config, load_dino  # noqa: E402
+from biflow_jax.interop.dino_weights import hub_config, load_dino  # noqa: E402
 from biflow_jax.models.dino import (  # noqa: E402
     DinoConfig,
     Dinov2,
     bicubic_resize_matrix,
     dinov2_config,
+)
+from biflow_jax.models.dino_preprocess import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    preprocess_for_dino,
 )
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -86,7 +86,7 @@ def _torch_features(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     return hidden[:, 0], hidden[:, 1 + r :], hidden[:, 1 : 1 + r]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jit_apply(cfg: DinoConfig, dtype=jnp.float32):
     """One jitted forward per (config, dtype), shared by tests to save compile time."""
     return jax.jit(lambda p, x: Dinov2(cfg, dtype=dtype).apply({"params": p}, x))
@@ -171,7 +171,7 @@ def test_resize_matrix_matches_torch_interpolate(n_in, n_out, antialias):
 # (b) torch-hub state_dict.
 
 
-def _to_hub_state_dict(model) -> dict[str, "torch.Tensor"]:
+def _to_hub_state_dict(model) -> dict[str, torch.Tensor]:
     """Rename a transformers state_dict to the facebookresearch/dinov2 layout."""
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     out = {

@@ -26,8 +26,8 @@ from safetensors.numpy import load_file  # noqa: E402
 
 import biflow_jax.torch as torch_port  # noqa: E402
 from biflow_jax import export, import_torch  # noqa: E402
+from biflow_jax.interop.tarflow_layout import flow_params_to_state_dict, state_dict_layout, state_dict_to_flow_params  # noqa: E402
 from biflow_jax.models.tarflow import TARFlow, build_flow, unpatchify  # noqa: E402
-from biflow_jax.torch_names import flow_params_to_state_dict, state_dict_layout, state_dict_to_flow_params  # noqa: E402
 
 torch.set_default_dtype(torch.float32)
 
@@ -133,7 +133,7 @@ def test_forward_matches_jax(flow):
 def jax_inverse(model: TARFlow, params, z, y, guidance=0.0, guide_what="ab", attn_temp=1.0, annealed=False):
     """Our JAX exact inverse: the project's cached sampler, or (until it exists) a naive one."""
     try:
-        from biflow_jax.sampling import Guidance, inverse_cached
+        from biflow_jax.samplers.exact_inverse import Guidance, inverse_cached
     except ImportError:
         return naive_inverse(model, params, z, y, guidance, guide_what, attn_temp, annealed)
     setting = Guidance(scale=guidance, what=guide_what, annealed=annealed, attn_temp=attn_temp)

@@ -28,9 +28,8 @@ from safetensors.numpy import load_file  # noqa: E402
 import biflow_jax.models.reverse as jax_reverse  # noqa: E402
 import biflow_jax.torch as torch_port  # noqa: E402
 from biflow_jax import checkpoint, editing, export  # noqa: E402
+from biflow_jax.interop.reverse_layout import reverse_layout, reverse_params_to_state_dict, state_dict_to_reverse_params  # noqa: E402
 from biflow_jax.models.tarflow import build_flow  # noqa: E402
-from biflow_jax.reverse_names import (reverse_layout, reverse_params_to_state_dict,  # noqa: E402
-                                      state_dict_to_reverse_params)
 from biflow_jax.torch.reverse import ReverseModel, guidance_frequencies  # noqa: E402
 from configs import digits  # noqa: E402
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from biflow_jax import checkpoint, parallel, train
+from biflow_jax import checkpoint, sharding, train
 from biflow_jax.models.tarflow import build_flow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,7 +105,7 @@ def test_pmap_jit_and_fsdp_take_the_same_steps_on_eight_devices(runs):
 
 def test_fsdp_keeps_one_eighth_of_the_sharded_params_per_device(runs):
     nbytes = runs["backends"]["param_bytes"]
-    small = nbytes["fsdp_replicated_leaves"]  # leaves under parallel.MIN_SHARDED_ELEMENTS stay whole
+    small = nbytes["fsdp_replicated_leaves"]  # leaves under sharding.MIN_SHARDED_ELEMENTS stay whole
     assert nbytes["jit"] == nbytes["pmap"] == nbytes["total"]
     assert nbytes["fsdp"] == small + (nbytes["total"] - small) // 8, nbytes
     assert small < 0.15 * nbytes["total"]
@@ -133,20 +133,20 @@ def test_multiprocess_checkpoints_restore_sharded_and_on_one_device(runs):
 
 
 def test_fsdp_spec_shards_the_largest_divisible_dimension():
-    assert parallel.fsdp_spec((64, 192), 8, "data") == P(None, "data")
-    assert parallel.fsdp_spec((256, 64), 8, "data") == P("data", None)
-    assert parallel.fsdp_spec((64, 64), 8, "data") == P("data", None)  # ties: the first
-    assert parallel.fsdp_spec((1000, 12), 8, "data") == P("data", None)  # 12 is not divisible
-    assert parallel.fsdp_spec((10, 1, 64), 8, "data") == P()  # 640 elements: small
-    assert parallel.fsdp_spec((33, 33), 8, "data") == P()  # nothing divisible
-    assert parallel.fsdp_spec((), 8, "data") == P()
-    assert parallel.fsdp_spec((64, 192), 1, "data") == P()
+    assert sharding.fsdp_spec((64, 192), 8, "data") == P(None, "data")
+    assert sharding.fsdp_spec((256, 64), 8, "data") == P("data", None)
+    assert sharding.fsdp_spec((64, 64), 8, "data") == P("data", None)  # ties: the first
+    assert sharding.fsdp_spec((1000, 12), 8, "data") == P("data", None)  # 12 is not divisible
+    assert sharding.fsdp_spec((10, 1, 64), 8, "data") == P()  # 640 elements: small
+    assert sharding.fsdp_spec((33, 33), 8, "data") == P()  # nothing divisible
+    assert sharding.fsdp_spec((), 8, "data") == P()
+    assert sharding.fsdp_spec((64, 192), 1, "data") == P()
 
 
 def test_fsdp_with_pmap_is_refused():
     config = worker.tiny_config("pmap")
     config.parallel.fsdp = True
     model = build_flow(config.model)
-    with pytest.raises(ValueError, match="parallel.fsdp=True needs parallel.backend='jit'"):
+    with pytest.raises(ValueError, match="sharding.fsdp=True needs sharding.backend='jit'"):
         train.make_train_step(train.make_objective(model, config).loss, train.make_optimizer(config), config,
                               train.make_mesh(jax.devices()[:1]))

@@ -12,10 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from biflow_jax import editing
 from biflow_jax import reverse_objective as obj
 from biflow_jax.models.reverse import ReverseViT, build_reverse, reverse_config
 from biflow_jax.models.tarflow import TARFlow
+from biflow_jax.samplers import one_nfe
 
 T, D, B, K, N = 16, 4, 2, 10, 3
 
@@ -250,15 +250,15 @@ def test_final_target_option(apply, params, z, labels):
         obj.hidden_alignment_loss(out.stage_outputs, trajectory)
 
 
-TO_IMAGES = editing.token_images(2, 8, 1)
+TO_IMAGES = one_nfe.token_images(2, 8, 1)
 
 
 def test_one_nfe_sample_with_per_stage_cfg(model, teeth, apply, z, labels):
     plain = TO_IMAGES(apply(teeth, z, labels, w_of(1.0)).image_tokens)
-    unguided = editing.one_nfe_sample(model, teeth, z, labels, w_of(1.0), to_images=TO_IMAGES, cfg_scale=w_of(0.0))
+    unguided = one_nfe.one_nfe_sample(model, teeth, z, labels, w_of(1.0), to_images=TO_IMAGES, cfg_scale=w_of(0.0))
     assert unguided.shape == (N, 8, 8, 1)
     np.testing.assert_allclose(unguided, plain, rtol=0, atol=1e-5)  # scale 0: the conditional branch
-    guided = editing.one_nfe_sample(model, teeth, z, labels, w_of(1.0), to_images=TO_IMAGES, cfg_scale=w_of(2.0))
+    guided = one_nfe.one_nfe_sample(model, teeth, z, labels, w_of(1.0), to_images=TO_IMAGES, cfg_scale=w_of(2.0))
     assert np.max(np.abs(guided - plain)) > 1e-3
 
 
@@ -270,7 +270,7 @@ def flow_pair(apply, teeth):
     x = jnp.tanh(jax.random.normal(jax.random.key(13), (N, 8, 8, 1)))
     shapes = jax.eval_shape(flow.init, jax.random.key(14), x, jnp.zeros((N,), jnp.int32))
     flow_params = perturb(shapes, 0.05, seed=14)
-    return x, editing.flow_encoder(flow, flow_params), lambda z, y: apply(teeth, z, y, w_of(0.0)).image_tokens
+    return x, one_nfe.flow_encoder(flow, flow_params), lambda z, y: apply(teeth, z, y, w_of(0.0)).image_tokens
 
 
 def test_inpaint_keeps_known_noise_exactly(flow_pair, labels):
@@ -279,7 +279,7 @@ def test_inpaint_keeps_known_noise_exactly(flow_pair, labels):
     mask[:, :, :4] = True  # left half known: token columns 0 and 1
     mask[:, 0, 4] = True  # one pixel of a patch that is otherwise unknown
     eps = jax.random.normal(jax.random.key(15), (N, T, D))
-    res = editing.inpaint(forward_apply, reverse_apply, x, mask, labels, jax.random.key(16), patch_size=2, eps=eps)
+    res = one_nfe.inpaint(forward_apply, reverse_apply, x, mask, labels, jax.random.key(16), patch_size=2, eps=eps)
     known = np.asarray(res.token_mask[..., 0])
     expected = np.tile(np.arange(T) % 4 < 2, (N, 1))  # raster tokens on a 4x4 grid
     np.testing.assert_array_equal(known, expected)
@@ -294,8 +294,8 @@ def test_inpaint_keeps_known_noise_exactly(flow_pair, labels):
 def test_class_edit_inverts_with_source_and_decodes_with_target(flow_pair, labels):
     x, forward_apply, reverse_apply = flow_pair
     target = jnp.array([4, 4, 4])
-    images, z = editing.class_edit(forward_apply, reverse_apply, x, labels, target, patch_size=2)
+    images, z = one_nfe.class_edit(forward_apply, reverse_apply, x, labels, target, patch_size=2)
     np.testing.assert_array_equal(z, forward_apply(x, labels))
     np.testing.assert_allclose(images, TO_IMAGES(reverse_apply(z, target)), rtol=0, atol=1e-6)
-    same = editing.class_edit(forward_apply, reverse_apply, x, labels, labels, patch_size=2)[0]
+    same = one_nfe.class_edit(forward_apply, reverse_apply, x, labels, labels, patch_size=2)[0]
     assert np.max(np.abs(images - same)) > 1e-4

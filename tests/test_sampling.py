@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from biflow_jax import sample as sample_mode
-from biflow_jax import sampling
 from biflow_jax.models.tarflow import TARFlow, patchify
+from biflow_jax.modes import sample as sample_mode
+from biflow_jax.samplers import exact_inverse
 
 NUM_CLASSES = 10
 PROJ_OUT_SCALE = 0.03  # (a, b) vary visibly with the context; 0.05 makes sampling overflow
@@ -79,11 +79,11 @@ def test_cached_inverse_round_trips_both_ways(flow, batch):
     model, params = flow
     x, z, y = batch
     # x -> F(x) -> F^-1: the images come back (float32, tolerance 1e-4).
-    recovered = sampling.inverse_cached(model, params, sampling.encode(model, params, x, y), y)
-    np.testing.assert_allclose(sampling.tokens_to_images(model, recovered), x, atol=1e-4)
+    recovered = exact_inverse.inverse_cached(model, params, exact_inverse.encode(model, params, x, y), y)
+    np.testing.assert_allclose(exact_inverse.tokens_to_images(model, recovered), x, atol=1e-4)
     # z -> F^-1(z) -> F: the noise comes back.
-    generated = sampling.tokens_to_images(model, sampling.inverse_cached(model, params, z, y))
-    np.testing.assert_allclose(sampling.encode(model, params, generated, y), z, atol=1e-4)
+    generated = exact_inverse.tokens_to_images(model, exact_inverse.inverse_cached(model, params, z, y))
+    np.testing.assert_allclose(exact_inverse.encode(model, params, generated, y), z, atol=1e-4)
     # The perturbed flow is far from the identity, so the round trip is not vacuous.
     assert float(jnp.max(jnp.abs(patchify(generated, 2) - z))) > 0.05
 
@@ -91,21 +91,21 @@ def test_cached_inverse_round_trips_both_ways(flow, batch):
 def test_cached_equals_naive(flow, batch):
     model, params = flow
     _, z, y = batch
-    cached = sampling.inverse_cached(model, params, z, y)
-    naive = sampling.inverse_naive(model, params, z, y)
+    cached = exact_inverse.inverse_cached(model, params, z, y)
+    naive = exact_inverse.inverse_naive(model, params, z, y)
     np.testing.assert_allclose(cached, naive, atol=1e-5)
 
 
 def test_jacobi_at_convergence_equals_cached(flow, batch):
     model, params = flow
     _, z, y = batch
-    cached = sampling.inverse_cached(model, params, z, y)
+    cached = exact_inverse.inverse_cached(model, params, z, y)
     # tol 0 runs to the exact fixed point: at most T = 16 iterations per block.
-    exact, iters = sampling.inverse_jacobi(model, params, z, y, tol=0.0)
+    exact, iters = exact_inverse.inverse_jacobi(model, params, z, y, tol=0.0)
     np.testing.assert_allclose(exact, cached, atol=1e-5)
     assert iters.shape == (2,) and np.all(np.asarray(iters) <= model.num_tokens)
     assert np.all(np.asarray(iters) > 2)  # a context-dependent flow needs real iterations
-    approx, approx_iters = sampling.inverse_jacobi(model, params, z, y, tol=1e-3)
+    approx, approx_iters = exact_inverse.inverse_jacobi(model, params, z, y, tol=1e-3)
     np.testing.assert_allclose(approx, cached, atol=1e-2)
     assert np.all(np.asarray(approx_iters) <= np.asarray(iters))
 
@@ -113,9 +113,9 @@ def test_jacobi_at_convergence_equals_cached(flow, batch):
 def test_zero_guidance_equals_plain_sampling(flow, batch):
     model, params = flow
     _, z, y = batch
-    plain = sampling.inverse_cached(model, params, z, y)
-    zero = sampling.Guidance(scale=0.0, what="a", annealed=True, attn_temp=0.5, rule="starflow")
-    np.testing.assert_allclose(sampling.inverse_cached(model, params, z, y, zero), plain, atol=1e-6)
+    plain = exact_inverse.inverse_cached(model, params, z, y)
+    zero = exact_inverse.Guidance(scale=0.0, what="a", annealed=True, attn_temp=0.5, rule="starflow")
+    np.testing.assert_allclose(exact_inverse.inverse_cached(model, params, z, y, zero), plain, atol=1e-6)
 
 
 def expected_guided_ab(a_c, b_c, a_u, b_u, guidance, num_tokens):
@@ -134,9 +134,9 @@ def expected_guided_ab(a_c, b_c, a_u, b_u, guidance, num_tokens):
 
 
 GUIDANCE_CASES = [
-    sampling.Guidance(scale=1.5, what="ab", annealed=True, attn_temp=0.7, rule="cfg"),
-    sampling.Guidance(scale=2.0, what="a", rule="cfg"),
-    sampling.Guidance(scale=1.5, what="ab", annealed=True, attn_temp=1.3, rule="starflow"),
+    exact_inverse.Guidance(scale=1.5, what="ab", annealed=True, attn_temp=0.7, rule="cfg"),
+    exact_inverse.Guidance(scale=2.0, what="a", rule="cfg"),
+    exact_inverse.Guidance(scale=1.5, what="ab", annealed=True, attn_temp=1.3, rule="starflow"),
 ]
 
 
@@ -144,7 +144,7 @@ GUIDANCE_CASES = [
 def test_guided_inverse_follows_the_guidance_rule(one_block_flow, batch, guidance):
     model, params = one_block_flow
     _, z, y = batch
-    x = np.asarray(sampling.inverse_cached(model, params, z, y, guidance))
+    x = np.asarray(exact_inverse.inverse_cached(model, params, z, y, guidance))
     # The branches evaluated directly on the final sequence (block 0 keeps raster order).
     transform = jax.jit(functools.partial(model.apply, method=TARFlow.block_transform), static_argnums=1)
     a_c, b_c, _ = transform(params, 0, x, y, 1.0)
@@ -152,10 +152,10 @@ def test_guided_inverse_follows_the_guidance_rule(one_block_flow, batch, guidanc
     a, b = expected_guided_ab(a_c, b_c, a_u, b_u, guidance, model.num_tokens)
     np.testing.assert_allclose(x, np.asarray(z) * np.exp(a) + b, atol=2e-5)
     # The guided result differs from the unguided one: guidance did something.
-    assert np.max(np.abs(x - np.asarray(sampling.inverse_cached(model, params, z, y)))) > 1e-2
+    assert np.max(np.abs(x - np.asarray(exact_inverse.inverse_cached(model, params, z, y)))) > 1e-2
     if guidance.rule == "starflow":
-        naive = sampling.inverse_naive(model, params, z, y, guidance)
-        jacobi, _ = sampling.inverse_jacobi(model, params, z, y, guidance, tol=0.0)
+        naive = exact_inverse.inverse_naive(model, params, z, y, guidance)
+        jacobi, _ = exact_inverse.inverse_jacobi(model, params, z, y, guidance, tol=0.0)
         np.testing.assert_allclose(naive, x, atol=1e-5)
         np.testing.assert_allclose(jacobi, x, atol=1e-5)
 
@@ -166,11 +166,11 @@ def test_denoise_is_a_score_step_checked_by_finite_differences(batch):
         x, _, y = batch
         x, y = jnp.asarray(x[:2], jnp.float64) * 0.5, y[:2]
         sigma = 0.3
-        step = (sampling.denoise(model, params, x, y, sigma) - x) / sigma**2
+        step = (exact_inverse.denoise(model, params, x, y, sigma) - x) / sigma**2
 
         # A float64 flow gives a sharp check; if the model pins float32 internally, the
         # central difference needs a larger step and a looser tolerance.
-        logp_shape = jax.eval_shape(functools.partial(sampling.log_likelihood, model), params, x, y)
+        logp_shape = jax.eval_shape(functools.partial(exact_inverse.log_likelihood, model), params, x, y)
         precise = logp_shape.dtype == jnp.float64
         h, tol = (1e-4, 1e-6) if precise else (1e-2, 5e-3)
         dims = math.prod(x.shape[1:])
@@ -181,7 +181,7 @@ def test_denoise_is_a_score_step_checked_by_finite_differences(batch):
             signs = jnp.array([h, -h], x.dtype).reshape(2, 1, 1, 1, 1, 1)
             shifted = x[None, :, None] + signs * basis[None, None]  # (+h / -h, N, dims, 8, 8, 1)
             labels = jnp.tile(jnp.repeat(y, dims), 2)
-            logp = sampling.log_likelihood(model, params, shifted.reshape(-1, *x.shape[1:]), labels)
+            logp = exact_inverse.log_likelihood(model, params, shifted.reshape(-1, *x.shape[1:]), labels)
             logp = logp.reshape(2, len(x), dims)
             return ((logp[0] - logp[1]) / (2 * h)).reshape(x.shape)
 
@@ -196,16 +196,16 @@ def test_bad_labels_and_guidance_are_rejected(flow, batch):
     model, params = flow
     _, z, _ = batch
     with pytest.raises(ValueError, match=r"label 10 .*K=10"):
-        sampling.inverse_cached(model, params, z, jnp.array([0, 1, 10, 2]))
+        exact_inverse.inverse_cached(model, params, z, jnp.array([0, 1, 10, 2]))
     with pytest.raises(ValueError, match=r"label -3 .*K=10"):
-        sampling.sample(model, params, jax.random.PRNGKey(0), labels=[-3, 1])
+        exact_inverse.sample(model, params, jax.random.PRNGKey(0), labels=[-3, 1])
     unconditional, uparams = make_flow(num_blocks=1, num_classes=0)
     with pytest.raises(ValueError, match="unconditional model"):
-        sampling.inverse_cached(unconditional, uparams, z, None, sampling.Guidance(scale=1.0))
+        exact_inverse.inverse_cached(unconditional, uparams, z, None, exact_inverse.Guidance(scale=1.0))
     with pytest.raises(ValueError, match=r"label 0 .*K=0"):
-        sampling.inverse_cached(unconditional, uparams, z, jnp.zeros(4, jnp.int32))
+        exact_inverse.inverse_cached(unconditional, uparams, z, jnp.zeros(4, jnp.int32))
     with pytest.raises(ValueError, match="rule"):
-        sampling.Guidance(scale=1.0, rule="bogus")
+        exact_inverse.Guidance(scale=1.0, rule="bogus")
 
 
 def install_fake_load_flow(monkeypatch, load_flow):

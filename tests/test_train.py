@@ -13,8 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from biflow_jax import checkpoint, input_pipeline, train
+from biflow_jax import checkpoint, train
 from biflow_jax.config_checks import ConfigError
+from biflow_jax.data import input_pipeline
 from configs import digits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

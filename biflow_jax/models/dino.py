@@ -13,7 +13,7 @@ way torch computes them, and applied with an einsum.
 
 Parameter names follow the torch-hub layout (``blocks_{i}/attn/qkv``, ``ls1``,
 ``mlp/fc1`` ...) so that weight conversion is a flat rename; see
-``biflow_jax.dino_weights``.
+``biflow_jax.interop.dino_weights``.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def _cubic_kernel(x: np.ndarray, a: float) -> np.ndarray:
     return np.where(x < 1, near, np.where(x < 2, far, 0.0))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bicubic_resize_matrix(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
     """(n_out, n_in) float32 matrix equal to torch's 1-D bicubic resize.
 

@@ -20,7 +20,7 @@ class DiagonalGaussian:
         self.mean, self.std, self.patch_size = jnp.asarray(mean), jnp.asarray(std), patch_size
 
     @classmethod
-    def fit(cls, images: np.ndarray, patch_size: int, min_std: float = 1e-3) -> "DiagonalGaussian":
+    def fit(cls, images: np.ndarray, patch_size: int, min_std: float = 1e-3) -> DiagonalGaussian:
         """images: (N, H, W, C) float in [-1, 1], already dequantised like the flow's inputs."""
         tokens = np.asarray(patchify(jnp.asarray(images, jnp.float32), patch_size), np.float64)
         return cls(tokens.mean(0), np.maximum(tokens.std(0), min_std), patch_size)

@@ -4,7 +4,7 @@ Why a port: G is what makes BiFlow a 1-NFE generator, so an exported BiFlow is o
 useful in PyTorch if G runs there too. The maths follows the Flax model line by line
 (RMSNorm in float32, QK-norm, 2D RoPE, SwiGLU, adaLN-zero on label + guidance scale,
 per-stage heads, the same stage split and inference-time CFG per stage); parameter
-names and layouts come from `biflow_jax.reverse_names`, which also converts the weights.
+names and layouts come from `biflow_jax.interop.reverse_layout`, which also converts the weights.
 
 Tokens are raster-ordered (N, T, D) with channel-major patches, as in the forward port
 (`biflow_jax.torch.tarflow`); images are NCHW.
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biflow_jax.reverse_names import stage_sizes, swiglu_hidden
+from biflow_jax.interop.reverse_layout import stage_sizes, swiglu_hidden
 
 Scale = float | torch.Tensor
 
@@ -214,7 +214,7 @@ class ReverseModel(nn.Module):
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "ReverseModel":
+    def from_config(cls, config: dict[str, Any]) -> ReverseModel:
         """Build from an exported `reverse_config.json` dict; keys that are not arguments are ignored.
 
         If the dict records the resolved `stage_sizes`, they must be the ones rebuilt here.

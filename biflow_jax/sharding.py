@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from biflow_jax import input_pipeline
+from biflow_jax.data import input_pipeline
 
 # Leaves with fewer elements stay replicated in fsdp mode: gathering them costs more than they weigh.
 MIN_SHARDED_ELEMENTS = 1024

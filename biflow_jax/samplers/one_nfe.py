@@ -12,8 +12,9 @@ clipped: in latent space the "images" are unbounded VAE latents; clip pixel imag
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 from tqdm import tqdm
 
-from biflow_jax import sampling
+from biflow_jax.samplers import exact_inverse
 
 # Defaults for the `sample` config section, used for any field a config lacks.
 SAMPLE_DEFAULTS = {
@@ -43,8 +44,8 @@ def sample_settings(config: Any) -> dict:
     return {key: section.get(key, default) for key, default in SAMPLE_DEFAULTS.items()}
 
 
-def guidance_from_settings(settings: dict) -> sampling.Guidance:
-    return sampling.Guidance(
+def guidance_from_settings(settings: dict) -> exact_inverse.Guidance:
+    return exact_inverse.Guidance(
         scale=float(settings["guidance"]), what=settings["guide_what"], annealed=bool(settings["annealed"]),
         attn_temp=float(settings["attn_temp"]), rule=settings["rule"],
     )
@@ -121,7 +122,7 @@ def run_sample(config: Any, workdir: str, num_images: int | None = None, labels:
     solver = solver or settings["solver"]
     guidance = guidance_from_settings(settings)
     sigma = denoise_sigma(trained, settings)
-    sampling.check_guidance(model, guidance)
+    exact_inverse.check_guidance(model, guidance)
 
     if labels is not None:
         all_labels = np.resize(np.asarray(labels, np.int32), num_images)
@@ -130,7 +131,7 @@ def run_sample(config: Any, workdir: str, num_images: int | None = None, labels:
     else:
         all_labels = None
     if all_labels is not None:
-        sampling.check_labels(model, all_labels)
+        exact_inverse.check_labels(model, all_labels)
 
     devices = jax.local_devices()
     mesh = Mesh(np.array(devices), ("batch",))
@@ -152,9 +153,9 @@ def run_sample(config: Any, workdir: str, num_images: int | None = None, labels:
             step_labels = np.zeros(per_step, np.int32)  # padding rows are generated, then dropped
             step_labels[:count] = all_labels[first:first + count]
             y = jax.device_put(jnp.asarray(step_labels), batch_sharding)
-        images = sampling.generate(model, params, z, y, guidance, solver, sigma,
+        images = exact_inverse.generate(model, params, z, y, guidance, solver, sigma,
                                    settings["jacobi_tol"], settings["jacobi_max_iters"])
-        chunks.append(sampling.images_to_uint8(images)[:count])
+        chunks.append(exact_inverse.images_to_uint8(images)[:count])
     seconds = time.perf_counter() - start
     images = np.concatenate(chunks)
 

@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -53,8 +54,8 @@ import ml_collections
 
 from biflow_jax import checkpoint, likelihood, train
 from biflow_jax.config_checks import ConfigError, require
-from biflow_jax.dino_preprocess import preprocess_for_dino
 from biflow_jax.models.dino import DINO_SIZES, DinoConfig, Dinov2, dinov2_config
+from biflow_jax.models.dino_preprocess import preprocess_for_dino
 from biflow_jax.models.tarflow import TARFlow, patchify
 
 Array = jax.Array
@@ -187,7 +188,7 @@ def missing_weights_message(align: ml_collections.ConfigDict) -> str:
 
 def make_teacher(align: ml_collections.ConfigDict, seed: int = 0) -> Teacher:
     """Load the encoder named by `align` (or a random one if align.random_init)."""
-    from biflow_jax import dino_weights
+    from biflow_jax.interop import dino_weights
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[align.dtype]
     if align.weights:

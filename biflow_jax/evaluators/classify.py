@@ -20,14 +20,16 @@ on a held-out fifth of the training split, never on the test split.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from biflow_jax import input_pipeline, likelihood, train
+from biflow_jax import likelihood, train
+from biflow_jax.data import input_pipeline
 from biflow_jax.models.tarflow import TARFlow
 
 Array = jax.Array
@@ -149,7 +151,7 @@ class RidgeProbe:
     weights: np.ndarray  # (C + 1, K), last row the bias
 
     @classmethod
-    def fit(cls, features: np.ndarray, labels: np.ndarray, num_classes: int, strength: float) -> "RidgeProbe":
+    def fit(cls, features: np.ndarray, labels: np.ndarray, num_classes: int, strength: float) -> RidgeProbe:
         """argmin_W |[X 1] W - Y|^2 + strength * n * |W_X|^2 on standardised X, one-hot Y (float64)."""
         x = features.astype(np.float64)
         mean, scale = x.mean(0), x.std(0) + 1e-6

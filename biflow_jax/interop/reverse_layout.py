@@ -11,7 +11,7 @@ Names: Flax `blocks_{l}` / `heads_{k}` / `reembed_{k}` <-> torch `blocks.{l}` /
 G has no buffers worth storing: its positions and rotary angles are fixed functions of
 the config, rebuilt by the port.
 
-`cfg` below is the exported `reverse_config.json` dict (see `biflow_jax.export`): G's
+`cfg` below is the exported `reverse_config.json` dict (see `biflow_jax.interop.export`): G's
 constructor arguments num_tokens, token_dim, num_forward_blocks, depth, width, heads,
 mlp_ratio, layers_per_stage, num_classes, guidance_conditioning, guidance_embed_dim,
 stage_bottleneck.
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from biflow_jax.torch_names import FlaxPath, TensorSpec, params_to_state_dict, state_dict_to_params
+from biflow_jax.interop.tarflow_layout import FlaxPath, TensorSpec, params_to_state_dict, state_dict_to_params
 
 
 def stage_sizes(depth: int, num_forward_blocks: int, layers_per_stage: Sequence[int] | None = None) -> tuple[int, ...]:

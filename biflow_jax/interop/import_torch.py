@@ -1,6 +1,6 @@
 """Import an apple/ml-tarflow (or our exported) PyTorch checkpoint as a stage-1 workdir.
 
-    python -m biflow_jax.import_torch --checkpoint=FILE.pth --config=configs/NAME.py --workdir=DIR
+    python -m biflow_jax.interop.import_torch --checkpoint=FILE.pth --config=configs/NAME.py --workdir=DIR
 
 Everything is validated first (keys, shapes, the causal mask, the JAX model's own param
 tree, an empty workdir); only then is `biflow_jax.checkpoint.save_flow` called, so a bad
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from biflow_jax.torch_names import state_dict_to_flow_params
+from biflow_jax.interop.tarflow_layout import state_dict_to_flow_params
 
 WRAPPER_KEYS = ("model", "state_dict")  # training scripts often save {'model': sd, 'optimizer': ...}
 PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel and torch.compile wrappers
@@ -122,7 +122,7 @@ def load_config_file(spec: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m biflow_jax.import_torch",
+    parser = argparse.ArgumentParser(prog="python -m biflow_jax.interop.import_torch",
                                      description="Import a PyTorch TARFlow checkpoint as a stage-1 workdir.")
     parser.add_argument("--checkpoint", required=True, help="a .pth file holding an ml-tarflow state_dict")
     parser.add_argument("--config", required=True, help="the config file describing that model")

@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biflow_jax import editing, input_pipeline, likelihood, sampling
+from biflow_jax import likelihood
+from biflow_jax.data import input_pipeline
+from biflow_jax.modes.sample import save_grid
 from biflow_jax.reverse_training import load_reverse
-from biflow_jax.sample import save_grid
+from biflow_jax.samplers import exact_inverse, one_nfe
 
 
 def test_images(config: Any, count: int) -> tuple[jax.Array, jax.Array]:
@@ -28,15 +30,15 @@ def run_inpaint(workdir: str, count: int = 10, seed: int = 0, out_dir: str | Non
     config, reverse, params, flow, flow_params = load_reverse(workdir)
     x, y = test_images(config, count)
     y = y if flow.num_classes else None
-    encode = editing.flow_encoder(flow, flow_params)
-    decode = editing.reverse_decoder(reverse, params, float(config.reverse_train.guidance)
+    encode = one_nfe.flow_encoder(flow, flow_params)
+    decode = one_nfe.reverse_decoder(reverse, params, float(config.reverse_train.guidance)
                                      if config.reverse_train.cfg_training else None)
     mask = jnp.zeros(x.shape, bool).at[:, : x.shape[1] // 2].set(True)
     rows = [x, jnp.where(mask, x, -1.0)]
     for k in range(3):
-        result = editing.inpaint(encode, decode, x, mask, y, jax.random.key(seed + k), patch_size=flow.patch_size)
+        result = one_nfe.inpaint(encode, decode, x, mask, y, jax.random.key(seed + k), patch_size=flow.patch_size)
         rows.append(result.images)
-    grid = np.concatenate([sampling.images_to_uint8(r) for r in rows])
+    grid = np.concatenate([exact_inverse.images_to_uint8(r) for r in rows])
     path = os.path.join(out_dir or os.path.join(workdir, "samples"), "inpaint.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_grid(grid, path, count)
@@ -49,14 +51,14 @@ def run_class_edit(workdir: str, count: int = 8, out_dir: str | None = None) -> 
     if not flow.num_classes:
         raise ValueError("class editing needs a class-conditional model")
     x, y = test_images(config, count)
-    encode = editing.flow_encoder(flow, flow_params)
-    decode = editing.reverse_decoder(reverse, params, float(config.reverse_train.guidance)
+    encode = one_nfe.flow_encoder(flow, flow_params)
+    decode = one_nfe.reverse_decoder(reverse, params, float(config.reverse_train.guidance)
                                      if config.reverse_train.cfg_training else None)
     cells = [x[:, None]]
     for target in range(flow.num_classes):
-        images, _ = editing.class_edit(encode, decode, x, y, jnp.full_like(y, target), patch_size=flow.patch_size)
+        images, _ = one_nfe.class_edit(encode, decode, x, y, jnp.full_like(y, target), patch_size=flow.patch_size)
         cells.append(images[:, None])
-    grid = sampling.images_to_uint8(jnp.concatenate(cells, axis=1).reshape((-1,) + x.shape[1:]))
+    grid = exact_inverse.images_to_uint8(jnp.concatenate(cells, axis=1).reshape((-1,) + x.shape[1:]))
     path = os.path.join(out_dir or os.path.join(workdir, "samples"), "class_edit.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_grid(grid, path, flow.num_classes + 1)

@@ -10,7 +10,8 @@ dequantisation happen inside the jitted step.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -30,7 +31,7 @@ class DataError(ValueError):
 def _builder(data_cfg: Any) -> tfds.core.DatasetBuilder:
     data_dir = data_cfg.get("data_dir") or None
     if data_cfg.name == BUILTIN:
-        from biflow_jax.digits_builder import SklearnDigits
+        from biflow_jax.data.digits import SklearnDigits
 
         builder = SklearnDigits(data_dir=data_dir)
         builder.download_and_prepare()  # offline: built from scikit-learn on first use

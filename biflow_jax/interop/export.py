@@ -1,10 +1,10 @@
-"""Export a trained flow or BiFlow to PyTorch: `python -m biflow_jax.export --workdir=DIR --out=OUT`.
+"""Export a trained flow or BiFlow to PyTorch: `python -m biflow_jax.interop.export --workdir=DIR --out=OUT`.
 
 Writes OUT/forward.safetensors (apple/ml-tarflow's state_dict names and layout, float32)
 and OUT/forward_config.json (ml-tarflow's constructor arguments plus ours), which
 `biflow_jax.torch.load(OUT)` turns back into a PyTorch model. No torch needed here.
 For a stage-2 (BiFlow) workdir it also writes the reverse model G as
-OUT/reverse.safetensors + OUT/reverse_config.json (names: `biflow_jax.reverse_names`).
+OUT/reverse.safetensors + OUT/reverse_config.json (names: `biflow_jax.interop.reverse_layout`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 from safetensors.numpy import save_file
 
-from biflow_jax.reverse_names import reverse_params_to_state_dict
-from biflow_jax.torch_names import flow_params_to_state_dict
+from biflow_jax.interop.reverse_layout import reverse_params_to_state_dict
+from biflow_jax.interop.tarflow_layout import flow_params_to_state_dict
 
 FORWARD_WEIGHTS = "forward.safetensors"
 FORWARD_CONFIG = "forward_config.json"
@@ -157,7 +157,7 @@ def export_workdir(workdir: str, out_dir: str, ema: bool = True) -> list[dict[st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m biflow_jax.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m biflow_jax.interop.export", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True,
                         help="a stage-1 (flow) or stage-2 (BiFlow: flow + reverse model) training workdir")
     parser.add_argument("--out", required=True, help="directory to write the export into")

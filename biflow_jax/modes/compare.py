@@ -2,7 +2,7 @@
 
 Both generators start from identical z; the exact inverse decodes token by token
 (B x (T-1) sequential steps), BiFlow's G runs once (1 NFE). On the digits the quality
-is scored by a small classifier trained on the real digits (biflow_jax.digits_metric).
+is scored by a small classifier trained on the real digits (biflow_jax.evaluators.digits_quality).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biflow_jax import editing, sampling
+from biflow_jax.modes.sample import save_grid
 from biflow_jax.reverse_training import load_reverse
-from biflow_jax.sample import save_grid
+from biflow_jax.samplers import exact_inverse, one_nfe
 
 
 def timed(fn, *args) -> tuple[np.ndarray, float]:
@@ -51,17 +51,17 @@ def compare(reverse_workdir: str, out_dir: str | None = None, per_class: int = 3
     labels = jnp.repeat(jnp.arange(k, dtype=jnp.int32), per_class) if flow.num_classes else None
     n = k * per_class
     z = jax.random.normal(jax.random.key(seed), (n, flow.num_tokens, flow.token_dim))
-    guidance = sampling.Guidance(scale=float(config.sample.guidance))
+    guidance = exact_inverse.Guidance(scale=float(config.sample.guidance))
     w = float(config.reverse_train.guidance) if config.reverse_train.cfg_training else 0.0
-    to_images = editing.token_images(flow.patch_size, flow.img_size, flow.in_channels)
+    to_images = one_nfe.token_images(flow.patch_size, flow.img_size, flow.in_channels)
 
-    exact_fn = jax.jit(lambda zz: sampling.generate(flow, fparams, zz, labels, guidance, "cached"))
-    biflow_fn = jax.jit(lambda zz: editing.one_nfe_sample(reverse, rparams, zz, labels, w, to_images=to_images))
-    biflow0_fn = jax.jit(lambda zz: editing.one_nfe_sample(reverse, rparams, zz, labels, 0.0, to_images=to_images))
+    exact_fn = jax.jit(lambda zz: exact_inverse.generate(flow, fparams, zz, labels, guidance, "cached"))
+    biflow_fn = jax.jit(lambda zz: one_nfe.one_nfe_sample(reverse, rparams, zz, labels, w, to_images=to_images))
+    biflow0_fn = jax.jit(lambda zz: one_nfe.one_nfe_sample(reverse, rparams, zz, labels, 0.0, to_images=to_images))
     exact, t_exact = timed(exact_fn, z)
     biflow, t_biflow = timed(biflow_fn, z)
     biflow0 = np.asarray(biflow0_fn(z))
-    exact_u8, biflow_u8, biflow0_u8 = (sampling.images_to_uint8(v) for v in (exact, biflow, biflow0))
+    exact_u8, biflow_u8, biflow0_u8 = (exact_inverse.images_to_uint8(v) for v in (exact, biflow, biflow0))
 
     shown = np.concatenate([np.arange(c * per_class, c * per_class + min(grid_per_class, per_class))
                             for c in range(k)])
@@ -77,15 +77,15 @@ def compare(reverse_workdir: str, out_dir: str | None = None, per_class: int = 3
         "exact_biflow_mean_abs_diff": float(np.mean(np.abs(exact - biflow))),
     }
     if config.data.name == "digits" and labels is not None:
-        from biflow_jax import digits_metric
-        from biflow_jax.digits_builder import digits_arrays
+        from biflow_jax.data.digits import digits_arrays
+        from biflow_jax.evaluators import digits_quality
 
-        classifier = digits_metric.load_or_train_classifier(classifier_dir or os.path.join(out_dir, "..",
+        classifier = digits_quality.load_or_train_classifier(classifier_dir or os.path.join(out_dir, "..",
                                                                                            "digits_classifier"))
         real_test = digits_arrays()["test"][0]
         intended = np.asarray(labels)
         for name, images in (("exact", exact_u8), ("biflow", biflow_u8), ("biflow_w0", biflow0_u8)):
-            scores = digits_metric.evaluate_samples(classifier, images, intended, real_test)
+            scores = digits_quality.evaluate_samples(classifier, images, intended, real_test)
             results[f"{name}_frechet"] = scores["frechet"]
             results[f"{name}_label_accuracy"] = scores["label_accuracy"]
     return results

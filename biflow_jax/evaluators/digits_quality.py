@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from biflow_jax.digits_builder import digits_arrays
+from biflow_jax.data.digits import digits_arrays
 from biflow_jax.likelihood import to_unit_range
 
 Array = jax.Array

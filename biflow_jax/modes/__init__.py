@@ -1,0 +1,1 @@
+"""Command-line modes: each is one function that main.py calls."""

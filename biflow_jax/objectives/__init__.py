@@ -1,0 +1,1 @@
+"""Objectives: what a training stage optimises (flow NLL, R-REPA, BiFlow)."""

@@ -1,0 +1,1 @@
+"""Samplers: noise -> images (exact inverse, BiFlow 1-NFE, editing)."""
