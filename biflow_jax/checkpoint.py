@@ -1,5 +1,8 @@
 """Workdir checkpoints: Orbax items for params, EMA params, optimizer state and metadata.
 
+This module knows Orbax and config.json, not models or optimizers: what a tree holds
+is the business of the objective that trained it (biflow_jax.runs reads workdirs).
+
 Layout of a workdir: config.json (the run's config) and checkpoints/<step>/ with the
 items `params`, `ema_params`, `opt_state` and `meta` (step, data position). Orbax writes
 each step to a temporary directory and renames it when complete, so a run killed while
@@ -84,52 +87,6 @@ def restore_item(mngr: ocp.CheckpointManager, step: int, item: str) -> Any:
     everywhere = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices(), ("data",)), jax.sharding.PartitionSpec())
     args = ocp.args.Composite(**{item: ocp.args.StandardRestore(fallback_sharding=everywhere)})
     return mngr.restore(step, args=args)[item]
-
-
-def load_flow(workdir: str, ema: bool = True):
-    """(config, model, params) of the latest checkpoint of a stage-1 (forward flow) workdir."""
-    from biflow_jax.models.tarflow import build_flow
-
-    config = read_config(workdir)
-    mngr = manager(workdir, async_save=False)
-    step = mngr.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"workdir {workdir!r} has no checkpoint yet")
-    item = "ema_params" if ema else "params"
-    model = build_flow(config.model)
-    expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example_inputs(config)))
-    restored = restore_item(mngr, step, item)
-    if "flow" in restored:  # objectives that train more than the flow keep it under "flow"
-        restored = restored["flow"]
-    check_tree(expected, restored, f"checkpoint {workdir!r} step {step}")
-    mngr.close()
-    return config, model, restored
-
-
-def save_flow(workdir: str, config: ml_collections.ConfigDict, params: Any) -> None:
-    """A fresh stage-1 run at step 0 holding `params` (e.g. imported from PyTorch).
-
-    The optimizer state is the config's freshly initialised one, so training can go on.
-    """
-    from biflow_jax.train import make_optimizer
-
-    if os.path.exists(os.path.join(workdir, "checkpoints")):
-        raise FileExistsError(f"workdir {workdir!r} already has checkpoints; use an empty workdir")
-    opt_state = make_optimizer(config).init(params)
-    write_config(workdir, config)
-    mngr = manager(workdir, async_save=False)
-    save(mngr, 0, params, params, opt_state, 0)
-    mngr.wait_until_finished()
-    mngr.close()
-
-
-def example_inputs(config: ml_collections.ConfigDict):
-    import jax.numpy as jnp
-
-    m = config.model
-    x = jnp.zeros((1, m.img_size, m.img_size, m.in_channels), jnp.float32)
-    y = jnp.zeros((1,), jnp.int32) if m.num_classes else None
-    return x, y
 
 
 def check_tree(expected: Any, got: Any, what: str) -> None:

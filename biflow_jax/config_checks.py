@@ -1,24 +1,43 @@
-"""Config validation: fail at start, with a message that names the key, not mid-run."""
+"""Config validation: fail at start, before anything is written, with a message naming the key."""
 
 from __future__ import annotations
 
-import jax
-import ml_collections
+from typing import Any
 
+import jax
+
+from biflow_jax.errors import require
 from biflow_jax.likelihood import NOISE_TYPES
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key."""
+LOOP_KEYS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
 
 
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+def validate_loop(train: Any, optim: Any, prefix: str) -> None:
+    """The keys every training stage's own `train` / `optim` sections need (prefix: 'train' or 'biflow.train')."""
+    optim_prefix = prefix.replace("train", "optim")
+    require(train.batch_size % jax.device_count() == 0,
+            f"{prefix}.batch_size={train.batch_size} is not divisible by the {jax.device_count()} devices")
+    require(train.eval_batch_size % jax.device_count() == 0,
+            f"{prefix}.eval_batch_size={train.eval_batch_size} is not divisible by the {jax.device_count()} devices")
+    require(train.steps > 0, f"{prefix}.steps={train.steps} must be positive")
+    for key in LOOP_KEYS:
+        require(train[key] > 0, f"{prefix}.{key}={train[key]} must be positive")
+    require(0.0 <= train.ema_decay < 1.0, f"{prefix}.ema_decay={train.ema_decay} must be in [0, 1)")
+    require(optim.lr > 0, f"{optim_prefix}.lr={optim.lr} must be positive")
+    require(0 <= optim.warmup_steps < max(train.steps, 1) or train.steps == 1,
+            f"{optim_prefix}.warmup_steps={optim.warmup_steps} must be smaller than {prefix}.steps={train.steps}")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    m, d, t, o = config.model, config.data, config.train, config.optim
+def validate_parallel(config: Any) -> None:
+    require(config.parallel.backend in ("jit", "pmap"),
+            f"parallel.backend={config.parallel.backend!r} must be 'jit' or 'pmap'")
+    require(not (config.parallel.get("fsdp", False) and config.parallel.backend == "pmap"),
+            "parallel.fsdp=True needs parallel.backend='jit' (pmap keeps a full replica per device)")
+
+
+def validate_flow_stage(config: Any) -> None:
+    """Stage 1: the flow's shape against the data, and stage 1's loop."""
+    m, d, t = config.model, config.data, config.train
     require(m.patch_size > 0 and m.img_size % m.patch_size == 0,
             f"model.img_size={m.img_size} is not divisible by model.patch_size={m.patch_size}")
     require(d.image_size == m.img_size,
@@ -31,19 +50,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"model.num_classes={m.num_classes} must be 0 (unconditional) or data.num_classes={d.num_classes}")
     require(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r} must be 'float32' or 'bfloat16'")
     require(t.noise in NOISE_TYPES, f"train.noise={t.noise!r} must be one of {NOISE_TYPES}")
-    require(t.batch_size % jax.device_count() == 0,
-            f"train.batch_size={t.batch_size} is not divisible by the {jax.device_count()} devices")
-    require(t.eval_batch_size % jax.device_count() == 0,
-            f"train.eval_batch_size={t.eval_batch_size} is not divisible by the {jax.device_count()} devices")
-    require(t.steps > 0, f"train.steps={t.steps} must be positive")
-    for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-        require(t[key] > 0, f"train.{key}={t[key]} must be positive")
-    require(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
     require(0.0 <= t.label_drop < 1.0, f"train.label_drop={t.label_drop} must be in [0, 1)")
-    require(o.lr > 0, f"optim.lr={o.lr} must be positive")
-    require(0 <= o.warmup_steps < max(t.steps, 1) or t.steps == 1,
-            f"optim.warmup_steps={o.warmup_steps} must be smaller than train.steps={t.steps}")
-    require(config.parallel.backend in ("jit", "pmap"),
-            f"parallel.backend={config.parallel.backend!r} must be 'jit' or 'pmap'")
-    require(not (config.parallel.get("fsdp", False) and config.parallel.backend == "pmap"),
-            "parallel.fsdp=True needs parallel.backend='jit' (pmap keeps a full replica per device)")
+    validate_loop(t, config.optim, "train")
+    validate_parallel(config)

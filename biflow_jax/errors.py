@@ -1,8 +1,35 @@
-"""The errors a user can cause (bad config, data, workdir or weights), reported without a traceback."""
+"""The errors a user can cause (bad config, data, workdir or weights), reported in one line.
 
-from biflow_jax.config_checks import ConfigError
-from biflow_jax.data.input_pipeline import DataError
-from biflow_jax.train import TrainingError
+A leaf module: everything may import it, it imports nothing of ours. `main` prints the
+message of any EXPECTED_ERRORS without a traceback and exits 2.
+"""
 
-EXPECTED_ERRORS = (ConfigError, DataError, TrainingError, FileNotFoundError, FileExistsError, ValueError,
-                   KeyError)
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+class DataError(ValueError):
+    """A dataset, split, folder or data_dir that cannot be used; the message says which."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the last good checkpoint."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read (damaged files, full disk); the message names it."""
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another live run owns the workdir (its lock file names the host and pid)."""
+
+
+EXPECTED_ERRORS = (ConfigError, DataError, TrainingError, CheckpointError, WorkdirBusyError, FileNotFoundError,
+                   FileExistsError, ValueError, KeyError)
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless condition holds."""
+    if not condition:
+        raise ConfigError(message)

@@ -1,6 +1,6 @@
 """How the one per-device train step runs on many devices: the `config.parallel` modes.
 
-`train.device_step` is written once, per device, with named-axis collectives over the
+`trainer.device_step` is written once, per device, with named-axis collectives over the
 mesh's batch axis. This module runs it three ways and hides the differences from the
 training loop behind `ParallelStep`:
 
@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from biflow_jax.data import input_pipeline
+AXIS = "data"  # the mesh's one axis: the batch is split along it
 
 # Leaves with fewer elements stay replicated in fsdp mode: gathering them costs more than they weigh.
 MIN_SHARDED_ELEMENTS = 1024
@@ -70,7 +70,23 @@ def batch_axis(mesh: Mesh) -> str:
 def global_batch_putter(mesh: Mesh) -> Callable[[dict[str, np.ndarray]], dict[str, jax.Array]]:
     """Process-local numpy batch -> one global array split over the mesh."""
     sharding = NamedSharding(mesh, P(batch_axis(mesh)))
-    return lambda batch: input_pipeline.to_global(batch, sharding)
+    return lambda batch: to_global(batch, sharding)
+
+
+def make_mesh(devices: Any = None) -> Mesh:
+    """A 1-D mesh over every device of every process; the batch is split along it."""
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    return Mesh(devices.reshape(-1), (AXIS,))
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """Process-local numpy batch -> global jax.Arrays sharded over the mesh's batch axis."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def example_keys(rng: jax.Array, index: jax.Array) -> jax.Array:
+    """One key per example from its global index: the same noise on 1 or 1000 devices."""
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
 
 
 def identity(tree: Any) -> Any:

@@ -1,21 +1,29 @@
-"""AFHQ-256 class-conditional TARFlow (3 classes), patch 8, noise 0.07 (PAPERS.md 1).
+"""AFHQ-256 class-conditional TARFlow (3 classes), patch 8, noise 0.07 (TARFlow, arXiv:2412.06329).
 
 Point `--config.data.folder` at an image folder FOLDER/{train,test}/{cat,dog,wild}/*.jpg.
+Runs stage 1 by default; the `biflow` section trains a B/2-sized G over the flow's 3 classes.
 """
 
 import ml_collections
 
-from configs import digits
+from configs import common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    del arg
-    c = digits.get_config()
-    c.data.update(name="folder", folder="", image_size=256, channels=3, num_classes=3, random_flip=True)
-    c.model.update(img_size=256, in_channels=3, patch_size=8, channels=768, num_blocks=8,
-                   layers_per_block=8, num_classes=3, dtype="bfloat16")
-    c.train.update(batch_size=256, eval_batch_size=256, steps=200_000, noise="gaussian", noise_std=0.07,
-                   ema_decay=0.9999, eval_every=10_000, checkpoint_every=5000, keep_checkpoints=3)
-    c.optim.update(lr=1e-4, init_lr=1e-6, end_lr=1e-6, warmup_steps=2000, grad_clip=0.0)
-    c.sample.update(num_images=10_000, batch_size=64, guidance=1.0, denoise=True)
+    common.variant(arg, ("",), "configs/afhq256.py")
+    c = common.base()
+    c.data = common.data(name="folder", image_size=256, channels=3, num_classes=3, random_flip=True)
+    c.model = common.flow_model(img_size=256, in_channels=3, patch_size=8, channels=768, num_blocks=8,
+                                layers_per_block=8, num_classes=3, dtype="bfloat16")
+    c.train = common.flow_train(batch_size=256, eval_batch_size=256, steps=200_000, noise="gaussian", noise_std=0.07,
+                                ema_decay=0.9999, eval_every=10_000, checkpoint_every=5000, keep_checkpoints=3)
+    c.optim = common.optim(lr=1e-4, init_lr=1e-6, end_lr=1e-6, warmup_steps=2000, grad_clip=0.0)
+    c.evals = ml_collections.ConfigDict(dict(bpd=dict(every=10_000)))
+    c.biflow = common.biflow(
+        model=common.reverse_model("B/2", dtype="bfloat16"),
+        train=common.loop(batch_size=256, eval_batch_size=256, steps=100_000, ema_decay=0.9999, eval_every=10_000,
+                          checkpoint_every=5000, keep_checkpoints=3),
+        optim=common.optim(lr=1e-4, init_lr=1e-6, end_lr=1e-6, warmup_steps=2000, grad_clip=0.0),
+        evals=dict(reconstruction=dict(every=10_000)))
+    c.sample = common.sample(num_images=10_000, batch_size=64, guidance=1.0, denoise=True)
     return c

@@ -1,9 +1,38 @@
-"""Shared test set-up: quiet TensorFlow, and exact float32 matmuls on CPU."""
+"""Shared test set-up: quiet TensorFlow, exact float32 matmuls on CPU, and tiny configs.
+
+Tests mirror the package (tests/models, tests/objectives, ...); this directory is on
+sys.path for all of them (helper modules: torch_reference, multidevice_steps, ...).
+"""
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # configs/ for tests in subfolders
+
+
+def quick_config(stage: str = "flow", steps: int = 100):
+    """configs/digits.py:quick with `steps` for each stage (checkpoint at half, eval at the end)."""
+    from configs import digits
+
+    config = digits.get_config("quick")
+    config.stage = stage
+    for train in (config.train, config.biflow.train):
+        train.update(steps=steps, checkpoint_every=max(steps // 2, 1), eval_every=steps, log_every=max(steps // 2, 1),
+                     keep_checkpoints=3)
+    config.evals.bpd.every = steps
+    config.biflow.evals.reconstruction.every = steps
+    return config
+
+
+@pytest.fixture
+def repo_root() -> str:
+    return REPO

@@ -13,19 +13,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import jax
 import numpy as np
 
-from biflow_jax import train
+from biflow_jax import optim, sharding, trainer
 from biflow_jax.data import input_pipeline
-from biflow_jax.models.tarflow import build_flow
+from biflow_jax.objectives import flow
 from configs import digits
 
 
 def run(devices, config, batches):
-    mesh = train.make_mesh(devices)
-    model = build_flow(config.model)
-    optimizer = train.make_optimizer(config)
-    objective = train.make_objective(model, config)
-    state = train.init_state(objective, optimizer, config, mesh)
-    step = train.make_train_step(objective.loss, optimizer, config, mesh)
+    mesh = sharding.make_mesh(devices)
+    optimizer = optim.make_optimizer(config.optim, config.train.steps)
+    objective = flow.make(config)
+    state = trainer.init_state(objective, optimizer, config.train.seed, config.parallel, mesh)
+    step = trainer.make_train_step(objective.loss, optimizer, config.train, config.parallel, mesh)
     state = step.to_backend(state)  # the backend's layout (pmap: one replica per device)
     losses = []
     for batch in batches:
@@ -39,7 +38,7 @@ def main():
     config = digits.get_config("quick")
     config.train.batch_size = 32
     config.parallel.backend = sys.argv[1] if len(sys.argv) > 1 else "jit"
-    it = input_pipeline.train_batches(config)
+    it = input_pipeline.train_batches(config.data, config.train.batch_size, config.train.seed)
     batches = [next(it) for _ in range(3)]
     loss8, params8 = run(jax.devices(), config, batches)
     loss1, params1 = run(jax.devices()[:1], config, batches)

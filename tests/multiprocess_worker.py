@@ -4,7 +4,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=N must be set before jax is imp
 each run is its own process; process 0 prints the result as one JSON line after RESULT.
 
   train PORT PROCESS_ID ROOT   one of 2 processes (2 devices each), connected by gloo: one run
-                               in ROOT/run through train.train_and_evaluate, trained in turns
+                               in ROOT/run through modes.train.train_and_evaluate, trained in turns
                                by every mode (SEGMENTS), each resuming the previous one's checkpoint
   reference ROOT               1 process, 4 devices: the same 4 steps from the same global
                                batches; every checkpoint of ROOT/run restored, replicated and
@@ -25,8 +25,10 @@ import numpy as np  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")  # as in tests/conftest.py
 
-from biflow_jax import checkpoint, input_pipeline, train  # noqa: E402
-from biflow_jax.models.tarflow import build_flow  # noqa: E402
+from biflow_jax import checkpoint, optim, sharding, trainer  # noqa: E402
+from biflow_jax.data import input_pipeline  # noqa: E402
+from biflow_jax.modes import train  # noqa: E402
+from biflow_jax.objectives import flow  # noqa: E402
 from configs import digits  # noqa: E402
 
 RESULT = "RESULT "  # prefix of the stdout line that carries the JSON result (gloo and the loop print too)
@@ -49,6 +51,7 @@ def tiny_config(mode: str, steps: int = STEPS, batch_size: int = 16):
     config.model.update(num_blocks=2, layers_per_block=1, channels=32, head_dim=32)
     config.train.update(batch_size=batch_size, eval_batch_size=64, steps=steps, log_every=1, eval_every=steps,
                         checkpoint_every=1, keep_checkpoints=STEPS)
+    config.evals.bpd.every = steps
     config.optim.update(lr=3e-4, warmup_steps=1, end_lr=3e-4)
     config.parallel.backend, config.parallel.fsdp = MODES[mode]
     return config
@@ -64,15 +67,15 @@ def process_shard_batches(config, num_processes: int, steps: int) -> list[dict]:
     for p in range(num_processes):
         with mock.patch.object(jax, "process_index", lambda *a, p=p: p), \
                 mock.patch.object(jax, "process_count", lambda *a: num_processes):
-            it = input_pipeline.train_batches(config)
+            it = input_pipeline.train_batches(config.data, config.train.batch_size, config.train.seed)
         per_process.append([next(it) for _ in range(steps)])
     return [{k: np.concatenate([b[s][k] for b in per_process]) for k in per_process[0][s]} for s in range(steps)]
 
 
 def train_steps(config, mesh, batches, state):
     """One step per batch through make_train_step; (losses, the state after each step on the host)."""
-    objective = train.make_objective(build_flow(config.model), config)
-    step = train.make_train_step(objective.loss, train.make_optimizer(config), config, mesh)
+    objective = flow.make(config)
+    step = trainer.make_train_step(objective.loss, make_optimizer(config), config.train, config.parallel, mesh)
     state = step.to_backend(state)
     losses, states = [], []
     for batch in batches:
@@ -83,20 +86,24 @@ def train_steps(config, mesh, batches, state):
 
 
 def initial_state(config, mesh):
-    objective = train.make_objective(build_flow(config.model), config)
-    return train.init_state(objective, train.make_optimizer(config), config, mesh)
+    objective = flow.make(config)
+    return trainer.init_state(objective, make_optimizer(config), config.train.seed, config.parallel, mesh)
 
 
 def restored_state(workdir, config, mesh, step=None):
     """A checkpoint of the workdir (the latest by default) restored into the shardings `config`
-    asks for on `mesh`, through train.abstract_state (what the training loop does)."""
-    objective = train.make_objective(build_flow(config.model), config)
-    target = train.abstract_state(objective, train.make_optimizer(config), config, mesh)
+    asks for on `mesh`, through trainer.abstract_state (what the training loop does)."""
+    objective = flow.make(config)
+    target = trainer.abstract_state(objective, make_optimizer(config), config.train.seed, config.parallel, mesh)
     mngr = checkpoint.manager(workdir, async_save=False)
     params, ema, opt_state, meta = checkpoint.restore(mngr, step or mngr.latest_step(), target.params,
                                                       target.ema_params, target.opt_state)
     mngr.close()
-    return train.TrainState(np.int32(meta["step"]), params, opt_state, ema, np.int32(0))
+    return trainer.TrainState(np.int32(meta["step"]), params, opt_state, ema, np.int32(0))
+
+
+def make_optimizer(config):
+    return optim.make_optimizer(config.optim, config.train.steps)
 
 
 def trainable(state) -> dict:
@@ -119,13 +126,13 @@ def run_train_process(port: str, process_id: str, root: str) -> dict:
     distributed.initialize("on", coordinator_address=f"localhost:{port}", num_processes=PROCESSES,
                            process_id=int(process_id))
     assert (jax.process_count(), jax.local_device_count(), jax.device_count()) == (PROCESSES, 2, 4), jax.devices()
-    return {mode: train.train_and_evaluate(tiny_config(mode, steps), os.path.join(root, "run"))
+    return {mode: train.train_and_evaluate(tiny_config(mode, steps), os.path.join(root, "run"))["flow"]
             for mode, steps in SEGMENTS}
 
 
 def run_reference(root: str) -> dict:
     assert jax.device_count() == 4, jax.devices()
-    mesh = train.make_mesh()
+    mesh = sharding.make_mesh()
     config = tiny_config("jit")
     batches = process_shard_batches(config, PROCESSES, STEPS)
     losses, states = train_steps(config, mesh, batches, initial_state(config, mesh))
@@ -153,16 +160,16 @@ def bytes_on_first_device(tree) -> int:
 
 def run_backends() -> dict:
     assert jax.device_count() == 8, jax.devices()
-    mesh = train.make_mesh()
+    mesh = sharding.make_mesh()
     config = tiny_config("jit", batch_size=32)
-    it = input_pipeline.train_batches(config)
+    it = input_pipeline.train_batches(config.data, config.train.batch_size, config.train.seed)
     batches = [next(it) for _ in range(STEPS)]
     initial = jax.device_get(initial_state(config, mesh))  # on the host: each mode places (and donates) its own
     out = {"losses": {}, "max_diff_vs_jit": {}, "param_bytes": {}}
     final = {}
     for mode in MODES:
         config = tiny_config(mode, batch_size=32)
-        state = jax.device_put(initial, train.state_shardings(initial, config, mesh))
+        state = jax.device_put(initial, trainer.state_shardings(initial, config.parallel, mesh))
         out["param_bytes"][mode] = bytes_on_first_device(state.params)
         out["param_bytes"][f"{mode}_state"] = bytes_on_first_device(trainable(state))
         if mode == "fsdp":

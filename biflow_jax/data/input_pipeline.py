@@ -18,14 +18,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from biflow_jax.errors import DataError
+
 # tf.data must not grab the accelerator or all host threads JAX needs.
 tf.config.set_visible_devices([], "GPU")
 
 BUILTIN = "digits"
-
-
-class DataError(ValueError):
-    """A dataset, split or data_dir that cannot be used; the message says which."""
 
 
 def _builder(data_cfg: Any) -> tfds.core.DatasetBuilder:
@@ -90,10 +88,9 @@ def _resize(image: tf.Tensor, size: int, channels: int) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
-def train_batches(config: Any, position: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Infinite iterator of this process's training batches, starting at batch `position`."""
-    data, seed = config.data, config.train.seed
-    local_batch = local_batch_size(config.train.batch_size)
+def train_batches(data: Any, batch_size: int, seed: int, position: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Infinite iterator of this process's training batches (global `batch_size`), from batch `position`."""
+    local_batch = local_batch_size(batch_size)
     source = _source(data, data.train_split)
     size = int(source.cardinality().numpy())
     if size < local_batch:
@@ -124,11 +121,10 @@ def train_batches(config: Any, position: int = 0) -> Iterator[dict[str, np.ndarr
     return ds.as_numpy_iterator()
 
 
-def eval_batches(config: Any, split: str | None = None,
-                 batch_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """One pass over a split, padded to whole batches; `mask` marks the real examples."""
-    data = config.data
-    local_batch = local_batch_size(batch_size or config.train.eval_batch_size)
+def eval_batches(data: Any, batch_size: int, split: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over a split (default data.test_split), padded to whole batches of global size
+    `batch_size`; `mask` marks the real examples."""
+    local_batch = local_batch_size(batch_size)
     ds = _source(data, split or data.test_split)
     ds = ds.map(lambda img, lab: {"image": _resize(img, data.image_size, data.channels), "label": lab,
                                   "mask": tf.constant(True)})
@@ -141,10 +137,10 @@ def eval_batches(config: Any, split: str | None = None,
         yield batch
 
 
-def split_arrays(config: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+def split_arrays(data: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
     """A whole split (this process's shard) as numpy arrays: small datasets and baselines only."""
     images, labels = [], []
-    for batch in eval_batches(config, split, batch_size=jax.process_count() * 256):
+    for batch in eval_batches(data, jax.process_count() * 256, split):
         keep = batch["mask"]
         images.append(batch["image"][keep])
         labels.append(batch["label"][keep])
@@ -155,8 +151,3 @@ def local_batch_size(global_batch: int) -> int:
     if global_batch % jax.process_count():
         raise ValueError(f"batch size {global_batch} is not divisible by the process count {jax.process_count()}")
     return global_batch // jax.process_count()
-
-
-def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-    """Process-local numpy batch -> global jax.Arrays sharded over the mesh's batch axis."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

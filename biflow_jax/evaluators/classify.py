@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from biflow_jax import likelihood, train
+from biflow_jax import likelihood, sharding
 from biflow_jax.data import input_pipeline
 from biflow_jax.models.tarflow import TARFlow
 
@@ -64,7 +64,7 @@ def model_inputs(images_uint8: Array, index: Array, inputs: str, seed: int) -> A
     if inputs == "clean":
         return likelihood.to_unit_range(images_uint8)
     if inputs == "dequantized":
-        keys = train.example_keys(jax.random.key(seed + 7919), index)
+        keys = sharding.example_keys(jax.random.key(seed + 7919), index)
         return jax.vmap(likelihood.uniform_dequantize)(keys, images_uint8)
     raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
 
@@ -73,7 +73,7 @@ def _batches(config: ml_collections.ConfigDict, split: str, limit: int | None = 
              ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
     """(images, labels, mask, offset) over a split, padded batches, at most `limit` real examples."""
     offset, seen = 0, 0
-    for batch in input_pipeline.eval_batches(config, split):
+    for batch in input_pipeline.eval_batches(config.data, config.train.eval_batch_size, split):
         mask = batch["mask"].copy()
         if limit is not None:
             room = max(limit - seen, 0)

@@ -30,6 +30,8 @@ from absl import logging
 
 from biflow_jax.data.digits import digits_arrays
 from biflow_jax.likelihood import to_unit_range
+from biflow_jax.samplers import one_nfe
+from biflow_jax.samplers.exact_inverse import images_to_uint8
 
 Array = jax.Array
 
@@ -310,3 +312,41 @@ def real_reference(classifier: DigitsClassifier) -> dict[str, float]:
     arrays = digits_arrays()
     frechet = frechet_distance(classifier.features(arrays["train"][0]), classifier.features(arrays["test"][0]))
     return {"frechet": frechet, "test_accuracy": classifier.test_accuracy}
+
+
+class SampleQuality:
+    """Evaluator: BiFlow 1-NFE samples of G scored by the digits classifier (stage 2).
+
+    `per_class` samples of every class from fixed noise, at the guidance scale G was trained
+    to take (biflow.guidance when training-time CFG is on, else 0); figures are the Frechet
+    distance to the real test digits and the label accuracy.
+    """
+
+    name = "digits_quality"
+
+    def __init__(self, config: Any, flow_run: Any, reverse: Any, every: int, per_class: int = 30, seed: int = 0):
+        if config.data.name != "digits":
+            raise ValueError("the digits_quality evaluator scores 8x8 digits only (data.name='digits')")
+        self.every = every
+        flow = flow_run.model
+        classes = max(flow.num_classes, 1)
+        self.labels = np.repeat(np.arange(classes, dtype=np.int32), per_class) if flow.num_classes else None
+        n = classes * per_class
+        z = jax.random.normal(jax.random.key(seed), (n, flow.num_tokens, flow.token_dim))
+        w = float(config.biflow.guidance) if config.biflow.cfg_training else 0.0
+        to_images = one_nfe.token_images(flow.patch_size, flow.img_size, flow.in_channels)
+        labels = None if self.labels is None else jnp.asarray(self.labels)
+        self.sample = jax.jit(lambda params: one_nfe.one_nfe_sample(reverse, params, z, labels, w,
+                                                                    to_images=to_images))
+        self.cache_dir = classifier_dir(flow_run.workdir)
+        self.classifier: DigitsClassifier | None = None
+
+    def __call__(self, params: Any) -> dict[str, float]:
+        if self.classifier is None:
+            self.classifier = load_or_train_classifier(self.cache_dir)
+        images = images_to_uint8(self.sample(params))
+        scores = evaluate_samples(self.classifier, images, self.labels, digits_arrays()["test"][0])
+        out = {"digits_frechet": scores["frechet"]}
+        if scores["label_accuracy"] is not None:
+            out["digits_label_accuracy"] = scores["label_accuracy"]
+        return out

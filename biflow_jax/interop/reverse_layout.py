@@ -11,7 +11,7 @@ Names: Flax `blocks_{l}` / `heads_{k}` / `reembed_{k}` <-> torch `blocks.{l}` /
 G has no buffers worth storing: its positions and rotary angles are fixed functions of
 the config, rebuilt by the port.
 
-`cfg` below is the exported `reverse_config.json` dict (see `biflow_jax.interop.export`): G's
+`cfg` below is the exported `reverse_config.json` dict (see `biflow_jax.export`): G's
 constructor arguments num_tokens, token_dim, num_forward_blocks, depth, width, heads,
 mlp_ratio, layers_per_stage, num_classes, guidance_conditioning, guidance_embed_dim,
 stage_bottleneck.

@@ -33,7 +33,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import struct
 
@@ -366,36 +365,3 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and the 8x8 digits run.
     "tiny": dict(depth=4, width=64, heads=2, mlp_ratio=4.0),
 }
-
-
-def reverse_config(name: str = "B/2", num_classes: int = 0, dtype: str = "float32") -> ml_collections.ConfigDict:
-    """The `config.reverse` section for a named size; every field can be overridden afterwards."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown reverse model size {name!r}; choose from {sorted(PRESETS)}")
-    cfg = ml_collections.ConfigDict(dict(
-        size=name,
-        **PRESETS[name],
-        layers_per_stage=None,  # or a list of num_forward_blocks + 1 layer counts
-        num_classes=num_classes,
-        guidance_conditioning=True,
-        stage_bottleneck=False,
-        dtype=dtype,
-    ))
-    return cfg
-
-
-def build_reverse(cfg: Any, num_tokens: int, token_dim: int, num_forward_blocks: int) -> ReverseViT:
-    """G for a `config.reverse` ConfigDict and the forward flow's token shape and block count."""
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    if cfg.dtype not in dtypes:
-        raise ValueError(f"reverse.dtype must be one of {sorted(dtypes)}, got {cfg.dtype!r}")
-    layers = cfg.get("layers_per_stage", None)
-    return ReverseViT(
-        num_tokens=num_tokens, token_dim=token_dim, num_forward_blocks=num_forward_blocks,
-        depth=cfg.depth, width=cfg.width, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
-        layers_per_stage=None if layers is None else tuple(layers),
-        num_classes=cfg.num_classes,
-        guidance_conditioning=cfg.get("guidance_conditioning", True),
-        stage_bottleneck=cfg.get("stage_bottleneck", False),
-        dtype=dtypes[cfg.dtype],
-    )

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from biflow_jax import runs
 from biflow_jax.modes.sample import save_grid
-from biflow_jax.reverse_training import load_reverse
 from biflow_jax.samplers import exact_inverse, one_nfe
 
 
@@ -44,7 +44,9 @@ def compare(reverse_workdir: str, out_dir: str | None = None, per_class: int = 3
     `per_class` samples of each class are scored (the Frechet distance is biased upwards at
     small counts, so compare figures at equal counts); the grid shows `grid_per_class`.
     """
-    config, reverse, rparams, flow, fparams = load_reverse(reverse_workdir)
+    run = runs.load_reverse(reverse_workdir)
+    config, reverse, rparams, flow, fparams = run.config, run.model, run.params, run.flow.model, run.flow.params
+    reverse_workdir = run.workdir
     out_dir = out_dir or os.path.join(reverse_workdir, "samples")
     os.makedirs(out_dir, exist_ok=True)
     k = max(flow.num_classes, 1)
@@ -52,7 +54,7 @@ def compare(reverse_workdir: str, out_dir: str | None = None, per_class: int = 3
     n = k * per_class
     z = jax.random.normal(jax.random.key(seed), (n, flow.num_tokens, flow.token_dim))
     guidance = exact_inverse.Guidance(scale=float(config.sample.guidance))
-    w = float(config.reverse_train.guidance) if config.reverse_train.cfg_training else 0.0
+    w = float(config.biflow.guidance) if config.biflow.cfg_training else 0.0
     to_images = one_nfe.token_images(flow.patch_size, flow.img_size, flow.in_channels)
 
     exact_fn = jax.jit(lambda zz: exact_inverse.generate(flow, fparams, zz, labels, guidance, "cached"))

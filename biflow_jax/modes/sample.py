@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 from tqdm import tqdm
 
+from biflow_jax import runs
 from biflow_jax.samplers import exact_inverse
 
 # Defaults for the `sample` config section, used for any field a config lacks.
@@ -99,20 +100,20 @@ def default_labels(num_images: int, num_classes: int) -> np.ndarray:
     return np.arange(num_images) % num_classes
 
 
-def run_sample(config: Any, workdir: str, num_images: int | None = None, labels: Sequence[int] | None = None,
-               out_dir: str | None = None, solver: str | None = None, ema: bool = True, seed: int = 0) -> dict:
+def run_sample(workdir: str, sampler: str = "exact", num_images: int | None = None,
+               labels: Sequence[int] | None = None, out_dir: str | None = None, solver: str | None = None,
+               ema: bool = True, seed: int = 0, config: Any = None) -> dict:
     """Generate `num_images` images from the stage-1 flow in `workdir`; returns paths and throughput
     (`seconds` and `images_per_s` include compilation).
 
     labels: one per image (cycled if shorter); None gives class-balanced labels for a
     conditional model. solver / num_images None take config.sample's values.
     """
-    from biflow_jax.checkpoint import load_flow  # the lead's module; imported late on purpose
-
     try:
-        config_loaded, model, params = load_flow(workdir, ema)
+        run = runs.load_flow(workdir, ema)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"cannot sample: no stage-1 flow checkpoint in workdir {workdir!r} ({err})") from err
+    config_loaded, model, params = run.config, run.model, run.params
     # Sampling settings come from the given config; the training noise from the run's own config.
     config = config if config is not None else config_loaded
     trained = config_loaded if config_loaded is not None else config

@@ -52,11 +52,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from biflow_jax import checkpoint, likelihood, train
-from biflow_jax.config_checks import ConfigError, require
+from biflow_jax import likelihood
+from biflow_jax.config_checks import validate_flow_stage
+from biflow_jax.errors import ConfigError, require
+from biflow_jax.models import registry
 from biflow_jax.models.dino import DINO_SIZES, DinoConfig, Dinov2, dinov2_config
 from biflow_jax.models.dino_preprocess import preprocess_for_dino
 from biflow_jax.models.tarflow import TARFlow, patchify
+from biflow_jax.objectives import Objective
+from biflow_jax.objectives.flow import flow_inputs
+from biflow_jax.sharding import example_keys
 
 Array = jax.Array
 Location = tuple[int, int]  # (block, layer), both 1-indexed, block in forward order
@@ -372,8 +377,19 @@ def alignment_loss(projector: Projector, projector_params: dict, hiddens: dict[L
 # ---------------------------------------------------------------------------
 # The training objective.
 
-def make_objective(model: TARFlow, config: ml_collections.ConfigDict,
-                   teacher: Teacher | ConstantTeacher | None = None) -> train.Objective:
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Config checks, and the DINOv2 weights exist: a missing file stops the run before it writes."""
+    validate_flow_stage(config)
+    validate_align(config)
+    align = config.align
+    if not align.weights and not align.random_init:
+        raise FileNotFoundError(missing_weights_message(align))
+    if align.weights and not os.path.exists(os.path.expanduser(align.weights)):
+        raise FileNotFoundError(f"align.weights={align.weights!r} does not exist. " + missing_weights_message(align))
+
+
+def make(config: ml_collections.ConfigDict, model: TARFlow | None = None,
+         teacher: Teacher | ConstantTeacher | None = None) -> Objective:
     """NLL + align.weight * alignment; trainable params {'flow': flow vars, 'projectors': {...}}.
 
     `teacher` (`apply(params, uint8 images)` -> (N, grid*grid, width) features, with
@@ -382,6 +398,7 @@ def make_objective(model: TARFlow, config: ml_collections.ConfigDict,
     without the encoder.
     """
     validate_align(config)
+    model = model or registry.build_flow(config.model)
     align = config.align
     if teacher is None:
         teacher = make_teacher(align, config.train.seed)
@@ -392,15 +409,15 @@ def make_objective(model: TARFlow, config: ml_collections.ConfigDict,
 
     def init(rng):
         flow_rng, proj_rng = jax.random.split(rng)
-        flow = model.init(flow_rng, *checkpoint.example_inputs(config))
+        flow = model.init(flow_rng, *registry.flow_example_inputs(config.model))
         dummy = jnp.zeros((1, 1, model.channels), jnp.float32)
         projectors = {location_name(loc): projector.init(jax.random.fold_in(proj_rng, n), dummy)["params"]
                       for n, loc in enumerate(locations)}
         return {"flow": flow, "projectors": projectors}
 
     def loss_fn(params, batch, rng, index, frozen):
-        keys = jax.vmap(lambda k: jax.random.split(k, 2))(train.example_keys(rng, index))
-        x, y = train.flow_inputs(config, batch, keys)
+        keys = jax.vmap(lambda k: jax.random.split(k, 2))(example_keys(rng, index))
+        x, y = flow_inputs(config.train, model.num_classes, batch, keys)
         z, logdets, records = forward_pass(model, params["flow"], x, y)
         nll = likelihood.nll_loss(z, logdets)
         hiddens = alignment_hiddens(model, params["flow"], z, records, y, locations, mode, passes)
@@ -410,6 +427,6 @@ def make_objective(model: TARFlow, config: ml_collections.ConfigDict,
         return loss, {"loss": loss, "nll": nll, "align": align_loss,
                       "logdet": jnp.mean(jnp.sum(logdets, -1)), "z_sq": jnp.mean(jnp.square(z))}
 
-    return train.Objective(init=init, loss=loss_fn, flow_params=lambda params: params["flow"],
-                           frozen={"teacher": teacher.params})
+    return Objective(name="rrepa", init=init, loss=loss_fn, flow_params=lambda params: params["flow"],
+                     frozen={"teacher": teacher.params}, same_run_keys=("model", "data.name", "align"))
 

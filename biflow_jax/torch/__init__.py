@@ -1,4 +1,4 @@
-"""The optional PyTorch side: rebuild models exported by `python -m biflow_jax.interop.export`.
+"""The optional PyTorch side: rebuild models exported by `python -m biflow_jax.export`.
 
 Needs the `torch` extra (`pip install -e .[torch]`); nothing else in biflow_jax imports
 this package, so JAX-only installs never touch torch.

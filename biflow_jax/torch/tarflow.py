@@ -1,6 +1,6 @@
 """PyTorch port of our forward TARFlow, with apple/ml-tarflow's module and parameter names.
 
-Why a port: exported weights (`biflow_jax.interop.export`) must run where people use PyTorch, and
+Why a port: exported weights (`biflow_jax.export`) must run where people use PyTorch, and
 the same state_dict layout lets ml-tarflow checkpoints come the other way. The module tree
 (`blocks.{i}.attn_blocks.{l}.attention.qkv`, ...) reproduces ml-tarflow's names exactly;
 the maths reproduces *our* Flax flow (`biflow_jax.models.tarflow`), which adds two options

@@ -12,25 +12,21 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, quick_config
 
-from biflow_jax import checkpoint, train
-from biflow_jax.config_checks import ConfigError
-from biflow_jax.data import input_pipeline
-from configs import digits
+from biflow_jax import checkpoint, sharding
+from biflow_jax.errors import ConfigError, DataError, TrainingError
+from biflow_jax.evaluators import bpd
+from biflow_jax.modes import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 100
-OVERRIDES = ["--config.stage=flow", f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=50", "--config.train.eval_every=100",
-             "--config.train.log_every=50", "--config.train.keep_checkpoints=3"]
+OVERRIDES = ["--config.stage=flow", f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=50",
+             "--config.train.eval_every=100", "--config.evals.bpd.every=100", "--config.train.log_every=50",
+             "--config.train.keep_checkpoints=3"]
 
 
 def short_config():
-    config = digits.get_config("quick")
-    for flag in OVERRIDES[1:]:  # the train.* integers (stage is main's business)
-        key, value = flag[len("--config."):].split("=")
-        section, name = key.split(".")
-        config[section][name] = int(value)
-    return config
+    return quick_config("flow", STEPS)
 
 
 def main_cmd(workdir, *extra):
@@ -51,13 +47,13 @@ def final_params(workdir):
 def trained(tmp_path_factory):
     """An uninterrupted short run, in process."""
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    results = train.train_and_evaluate(short_config(), workdir)
+    results = train.train_and_evaluate(short_config(), workdir)["flow"]
     return workdir, results
 
 
 def test_flow_beats_diagonal_gaussian_baseline(trained):
     _, results = trained
-    baseline = train.gaussian_baseline_bpd(short_config(), train.make_mesh())
+    baseline = bpd.gaussian_baseline_bpd(short_config(), sharding.make_mesh())
     assert 4.0 < baseline < 9.0  # sanity: bits/dim of 8-bit-scaled digits
     assert results["test_bpd"] < baseline - 0.05, (results, baseline)  # measured margin ~0.15
 
@@ -102,7 +98,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path):
     config = short_config()
     config.train.steps = STEPS + 50
     config.optim.lr = 1e8  # diverges within a few steps (same optimizer structure, so it resumes)
-    with pytest.raises(train.TrainingError, match="NaN"):
+    with pytest.raises(TrainingError, match="NaN"):
         train.train_and_evaluate(config, workdir)
     step, params = final_params(workdir)
     assert step == STEPS
@@ -117,11 +113,11 @@ def test_bad_config_values_fail_before_touching_the_workdir(tmp_path):
         train.train_and_evaluate(config, workdir)
     config = short_config()
     config.data.name = "no_such_dataset_xyz"
-    with pytest.raises(input_pipeline.DataError, match="no_such_dataset_xyz"):
+    with pytest.raises(DataError, match="no_such_dataset_xyz"):
         train.train_and_evaluate(config, workdir)
     config = short_config()
     config.data.update(name="mnist", data_dir=str(tmp_path / "missing_dir"))
-    with pytest.raises(input_pipeline.DataError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         train.train_and_evaluate(config, workdir)
     assert not os.path.exists(workdir)
 
@@ -131,7 +127,8 @@ def test_cli_reports_unknown_config_key_and_bad_values(tmp_path):
     out = subprocess.run(main_cmd(workdir, "--config.train.no_such_key=1"), cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2
-    assert "unknown config key 'no_such_key'" in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: unknown config key 'train.no_such_key'; did you mean 'train.noise_std' or 'train.noise'?"]
     out = subprocess.run(main_cmd(workdir, "--config.model.patch_size=3"), cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2

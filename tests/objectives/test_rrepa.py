@@ -12,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from biflow_jax import train
 from biflow_jax.bench import perturb_proj_out
-from biflow_jax.models.tarflow import TARFlow, build_flow, patchify
+from biflow_jax.errors import ConfigError
+from biflow_jax.models.registry import build_flow
+from biflow_jax.models.tarflow import TARFlow, patchify
+from biflow_jax.modes import train
 from biflow_jax.objectives import rrepa
 
 NUM_BLOCKS = 4
@@ -147,7 +149,7 @@ def test_objective_adds_weighted_alignment_to_nll():
     config = digits_align_config(projector_hidden=32, weight=0.5, locations=[(3, 1), (4, 1)])
     model = build_flow(config.model)
     teacher = rrepa.ConstantTeacher(jax.random.normal(jax.random.key(5), (4, 8)))
-    objective = rrepa.make_objective(model, config, teacher)
+    objective = rrepa.make(config, model, teacher)
     params = objective.init(jax.random.key(0))
     assert set(params["projectors"]) == {"block3_layer1", "block4_layer1"}
     assert objective.flow_params(params) is params["flow"]
@@ -161,5 +163,5 @@ def test_objective_adds_weighted_alignment_to_nll():
 
 def test_invalid_location_is_a_config_error():
     config = digits_align_config(random_init=True, encoder="tiny", locations=[(5, 1)])
-    with pytest.raises(rrepa.ConfigError, match="align.locations block 5"):
+    with pytest.raises(ConfigError, match="align.locations block 5"):
         rrepa.validate_align(config)

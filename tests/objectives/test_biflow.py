@@ -6,20 +6,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
-from biflow_jax import checkpoint, reverse_training, train
-from biflow_jax.config_checks import ConfigError
+from biflow_jax import evaluators, optim, runs, sharding, trainer
 from biflow_jax.data import input_pipeline
-from biflow_jax.models.tarflow import build_flow
+from biflow_jax.errors import ConfigError
+from biflow_jax.models import registry
+from biflow_jax.modes import edit, train
+from biflow_jax.objectives import biflow
 from configs import digits
 
 
 def tiny_config():
     config = digits.get_config("quick")
+    config.stage = "biflow"
     config.model.update(channels=64, num_blocks=2, layers_per_block=1)
-    config.reverse.update(depth=3, width=32, heads=2)
-    config.train.update(batch_size=32, log_every=10, eval_every=1000, checkpoint_every=1000)
-    config.reverse_train.update(steps=40, lr=3e-3)
+    config.biflow.model.update(depth=3, width=32, heads=2)
+    config.biflow.train.update(batch_size=32, log_every=10, eval_every=1000, checkpoint_every=1000, steps=40)
+    config.biflow.optim.update(lr=3e-3)
     return config
 
 
@@ -28,36 +32,35 @@ def forward_workdir(tmp_path_factory):
     """A stage-1 workdir holding randomly initialised flow params (no training needed)."""
     config = tiny_config()
     config.stage = "flow"
-    model = build_flow(config.model)
-    params = model.init(jax.random.key(1), *checkpoint.example_inputs(config))
+    model = registry.build_flow(config.model)
+    params = model.init(jax.random.key(1), *registry.flow_example_inputs(config.model))
     # Perturb the zero-initialised output layers so the trajectory is not the identity.
     params = jax.tree_util.tree_map_with_path(
         lambda path, p: p + 0.02 * jax.random.normal(jax.random.key(len(str(path))), p.shape)
         if "proj_out" in jax.tree_util.keystr(path) else p, params)
     workdir = str(tmp_path_factory.mktemp("stage1"))
-    checkpoint.save_flow(workdir, config, params)
+    runs.save_flow(workdir, config, params)
     return workdir
 
 
 def test_steps_keep_flow_bit_identical_and_every_term_decreases(forward_workdir):
-    config = reverse_training.stage2_config(tiny_config(), forward_workdir)
-    flow, flow_params = reverse_training.load_forward(config)
-    before = jax.tree_util.tree_map(np.array, flow_params)
-    reverse = reverse_training.build_models(config, flow)
-    objective = reverse_training.biflow_objective(flow, flow_params, reverse, config)
-    mesh = train.make_mesh()
-    optimizer = train.make_optimizer(config)
-    state = train.init_state(objective, optimizer, config, mesh)
-    step = train.make_train_step(objective.loss, optimizer, config, mesh)
-    batch = next(input_pipeline.train_batches(config))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.AXIS))
-    batch = {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    config = tiny_config()
+    flow_run = runs.load_flow(forward_workdir)
+    before = jax.tree_util.tree_map(np.array, flow_run.params)
+    objective = biflow.make(config, flow_run)
+    mesh = sharding.make_mesh()
+    optimizer = optim.make_optimizer(config.biflow.optim, config.biflow.train.steps)
+    state = trainer.init_state(objective, optimizer, 0, config.parallel, mesh)
+    step = trainer.make_train_step(objective.loss, optimizer, config.biflow.train, config.parallel, mesh)
+    batch = next(input_pipeline.train_batches(config.data, config.biflow.train.batch_size, 0))
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.AXIS))
+    batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
     history = []
     for _ in range(40):  # one fixed batch: every term must fit it
         state, metrics = step(state, batch, objective.frozen)
         history.append(jax.device_get(metrics))
     terms = [k for k in history[0] if k.startswith(("align", "denoise"))]
-    assert len(terms) == flow.num_blocks + 1  # one aligned state per block, plus denoising
+    assert len(terms) == flow_run.model.num_blocks + 1  # one aligned state per block, plus denoising
     for key in terms:  # raw per-term MSEs
         values = np.array([h[key] for h in history])
         assert np.isfinite(values).all(), key
@@ -70,23 +73,30 @@ def test_steps_keep_flow_bit_identical_and_every_term_decreases(forward_workdir)
         np.testing.assert_array_equal(a, b)  # bit-identical
 
 
-def test_train_reverse_end_to_end_leaves_stage1_checkpoint_untouched(forward_workdir, tmp_path):
-    _, _, before = checkpoint.load_flow(forward_workdir)
+def train_stage2(config, workdir, flow_workdir):
+    """Stage 2 through the trainer alone (no comparison grids): its final evaluation."""
+    flow_run = runs.load_flow(flow_workdir)
+    mesh = sharding.make_mesh()
+    reverse = biflow.build_reverse(config, flow_run.model)
+    evals = evaluators.for_biflow_stage(config, flow_run, reverse, mesh)
+    return trainer.run(biflow.make(config, flow_run), evals, config, workdir, "biflow", mesh,
+                       flow_workdir=flow_workdir)
+
+
+def test_stage2_end_to_end_leaves_stage1_checkpoint_untouched(forward_workdir, tmp_path):
+    before = runs.load_flow(forward_workdir).params
     config = tiny_config()
-    config.reverse_train.steps = 10
-    results = reverse_training.train_reverse(reverse_training.stage2_config(config, forward_workdir),
-                                             str(tmp_path / "stage2"))
+    config.biflow.train.steps = 10
+    results = train_stage2(config, str(tmp_path / "stage2"), forward_workdir)
     assert np.isfinite(results["test_recon_mse"])
-    _, _, after = checkpoint.load_flow(forward_workdir)
+    after = runs.load_flow(forward_workdir).params
     for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    saved, reverse, params, _, _ = reverse_training.load_reverse(str(tmp_path / "stage2"))
-    out = reverse.apply(params, jnp.zeros((2, 16, 4)), jnp.array([1, 2]), None)
+    run = runs.load_reverse(str(tmp_path / "stage2"))
+    assert os.path.samefile(run.flow.workdir, forward_workdir)
+    out = run.model.apply(run.params, jnp.zeros((2, 16, 4)), jnp.array([1, 2]), None)
     assert out.image_tokens.shape == (2, 16, 4)
-    from PIL import Image
-
-    from biflow_jax.modes import edit
-
+    assert run.model.num_classes == run.flow.model.num_classes == 10  # G's table is the flow's
     inpainted = edit.run_inpaint(str(tmp_path / "stage2"), count=4)
     edited = edit.run_class_edit(str(tmp_path / "stage2"), count=2)
     # 5 rows of 4 images / 2 rows of 1 + 10 images, each 8x8 enlarged 4x, 2-pixel padding.
@@ -97,16 +107,19 @@ def test_train_reverse_end_to_end_leaves_stage1_checkpoint_untouched(forward_wor
 def test_stage2_without_or_with_mismatched_stage1_fails_at_start(forward_workdir, tmp_path):
     workdir = str(tmp_path / "never")
     config = tiny_config()
-    with pytest.raises(ConfigError, match="forward_workdir"):
-        reverse_training.train_reverse(config, workdir)
+    with pytest.raises(ConfigError, match="biflow.flow_init"):
+        train.train_and_evaluate(config, workdir)
+    config.biflow.flow_init = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="no such workdir"):
-        reverse_training.train_reverse(reverse_training.stage2_config(config, str(tmp_path / "missing")), workdir)
+        train.train_and_evaluate(config, workdir)
+    config.biflow.flow_init = forward_workdir
     config.model.channels = 128
     with pytest.raises(ConfigError, match=r"model.channels: 64 -> 128"):
-        reverse_training.train_reverse(reverse_training.stage2_config(config, forward_workdir), workdir)
+        train.train_and_evaluate(config, workdir)
     config = tiny_config()
+    config.biflow.flow_init = forward_workdir
     config.data.num_classes = 0
     config.model.num_classes = 0
     with pytest.raises(ConfigError, match="num_classes"):
-        reverse_training.train_reverse(reverse_training.stage2_config(config, forward_workdir), workdir)
+        train.train_and_evaluate(config, workdir)
     assert not os.path.exists(workdir)

@@ -7,12 +7,9 @@ max |got - want| <= 1e-5 * max |want| (float32 on both sides, highest matmul pre
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +22,15 @@ torch = pytest.importorskip("torch")
 from safetensors.numpy import load_file  # noqa: E402
 
 import biflow_jax.torch as torch_port  # noqa: E402
-from biflow_jax import export, import_torch  # noqa: E402
-from biflow_jax.interop.tarflow_layout import flow_params_to_state_dict, state_dict_layout, state_dict_to_flow_params  # noqa: E402
-from biflow_jax.models.tarflow import TARFlow, build_flow, unpatchify  # noqa: E402
+from biflow_jax import config_files, import_torch, runs  # noqa: E402
+from biflow_jax.interop import torch_files as export  # noqa: E402
+from biflow_jax.interop.tarflow_layout import (  # noqa: E402
+    flow_params_to_state_dict,
+    state_dict_layout,
+    state_dict_to_flow_params,
+)
+from biflow_jax.models.registry import build_flow  # noqa: E402
+from biflow_jax.models.tarflow import TARFlow, unpatchify  # noqa: E402
 
 torch.set_default_dtype(torch.float32)
 
@@ -228,14 +231,9 @@ def test_export_writes_weights_and_config(flow):
 
 @pytest.fixture
 def save_calls(monkeypatch):
-    """Record calls to checkpoint.save_flow instead of writing (a stand-in module if it is missing)."""
-    try:
-        module = importlib.import_module("biflow_jax.checkpoint")
-    except ModuleNotFoundError:
-        module = types.ModuleType("biflow_jax.checkpoint")
-        monkeypatch.setitem(sys.modules, "biflow_jax.checkpoint", module)
+    """Record calls to runs.save_flow instead of writing."""
     calls = []
-    monkeypatch.setattr(module, "save_flow", lambda *args: calls.append(args), raising=False)
+    monkeypatch.setattr(runs, "save_flow", lambda *args: calls.append(args))
     return calls
 
 
@@ -298,17 +296,14 @@ def test_import_of_wrapped_ddp_pth_saves_the_exact_params(save_calls, tmp_path):
 
 
 def test_import_then_load_flow_end_to_end(tmp_path):
-    """With the real checkpoint module: the imported workdir loads back to the same params."""
-    checkpoint = pytest.importorskip("biflow_jax.checkpoint")
-    if not (hasattr(checkpoint, "save_flow") and hasattr(checkpoint, "load_flow")):
-        pytest.skip("biflow_jax.checkpoint.save_flow/load_flow not written yet")
-    digits = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "digits.py")
-    config = import_torch.load_config_file(f"{digits}:quick")
+    """The imported workdir loads back (runs.load_flow) to the same params."""
+    digits = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs", "digits.py")
+    config = config_files.load(f"{digits}:quick")
     config.model.update(num_blocks=2, layers_per_block=1, head_dim=32)
     params = random_params(build_flow(config.model), seed=5, out_scale=0.3)
     workdir = str(tmp_path / "imported")
     import_torch.import_state_dict(flow_params_to_state_dict(params, config.model), config, workdir)
-    _, _, loaded = checkpoint.load_flow(workdir, ema=True)
+    loaded = runs.load_flow(workdir, ema=True).params
     jax.tree_util.tree_map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)),
                            loaded, params)
 

@@ -12,9 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from biflow_jax import reverse_objective as obj
-from biflow_jax.models.reverse import ReverseViT, build_reverse, reverse_config
+from biflow_jax.models.reverse import ReverseViT
 from biflow_jax.models.tarflow import TARFlow
+from biflow_jax.objectives import biflow as obj
 from biflow_jax.samplers import one_nfe
 
 T, D, B, K, N = 16, 4, 2, 10, 3
@@ -39,9 +39,8 @@ def w_of(value):
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = reverse_config("tiny", num_classes=K)
-    cfg.depth = 3
-    return build_reverse(cfg, T, D, B)
+    return ReverseViT(num_tokens=T, token_dim=D, num_forward_blocks=B, depth=3, width=64, heads=2, mlp_ratio=4.0,
+                      num_classes=K)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from biflow_jax import checkpoint, train
+from biflow_jax import runs
 from biflow_jax.evaluators import classify
 from biflow_jax.models.tarflow import TARFlow, unpatchify
+from biflow_jax.modes import train
 
 K, T, D, C = 4, 16, 4, 16  # classes, tokens (8x8 image, patch 2), token dims, width
 
@@ -64,12 +65,15 @@ def trained_digits_flow(tmp_path_factory):
 
     config = digits.get_config("quick")
     config.model.update(channels=32, head_dim=32, num_blocks=2, layers_per_block=1)
+    config.stage = "flow"
     config.train.update(steps=300, batch_size=64, ema_decay=0.9, log_every=300, eval_every=300,
                         checkpoint_every=300)
+    config.evals.bpd.every = 300
     config.optim.update(lr=5e-3, warmup_steps=30)
     workdir = str(tmp_path_factory.mktemp("digits"))
     train.train_and_evaluate(config, workdir)
-    return checkpoint.load_flow(workdir)
+    run = runs.load_flow(workdir)
+    return run.config, run.model, run.params
 
 
 def test_briefly_trained_digits_flow_classifies_far_above_chance(trained_digits_flow):

@@ -27,9 +27,16 @@ from safetensors.numpy import load_file  # noqa: E402
 
 import biflow_jax.models.reverse as jax_reverse  # noqa: E402
 import biflow_jax.torch as torch_port  # noqa: E402
-from biflow_jax import checkpoint, editing, export  # noqa: E402
-from biflow_jax.interop.reverse_layout import reverse_layout, reverse_params_to_state_dict, state_dict_to_reverse_params  # noqa: E402
-from biflow_jax.models.tarflow import build_flow  # noqa: E402
+from biflow_jax import checkpoint, runs  # noqa: E402
+from biflow_jax import export as export_cli  # noqa: E402
+from biflow_jax.interop import torch_files  # noqa: E402
+from biflow_jax.interop.reverse_layout import (  # noqa: E402
+    reverse_layout,
+    reverse_params_to_state_dict,
+    state_dict_to_reverse_params,
+)
+from biflow_jax.models import registry  # noqa: E402
+from biflow_jax.samplers import one_nfe as editing  # noqa: E402
 from biflow_jax.torch.reverse import ReverseModel, guidance_frequencies  # noqa: E402
 from configs import digits  # noqa: E402
 
@@ -63,14 +70,29 @@ def make_config(case: str) -> ml_collections.ConfigDict:
     config = digits.get_config("quick")
     config.stage = "biflow"
     config.model.update(channels=64, num_blocks=2, layers_per_block=1, head_dim=32)
-    config.reverse.update(width=64, heads=2, **CASES[case])
+    case = dict(CASES[case])
+    config.model.num_classes = config.data.num_classes = case.pop("num_classes")  # G's classes are the flow's
+    case["layers_per_stage"] = case["layers_per_stage"] or []
+    config.biflow.model.update(width=64, heads=2, **case)
     return config
 
 
 def build(config: ml_collections.ConfigDict) -> jax_reverse.ReverseViT:
-    m = config.model
-    tokens, token_dim = (m.img_size // m.patch_size) ** 2, m.in_channels * m.patch_size**2
-    return jax_reverse.build_reverse(config.reverse, tokens, token_dim, m.num_blocks)
+    return registry.build_reverse(config.biflow.model, registry.build_flow(config.model))
+
+
+class export:  # noqa: N801  (the export API the tests use, on configs)
+    REVERSE_CONFIG, REVERSE_WEIGHTS = torch_files.REVERSE_CONFIG, torch_files.REVERSE_WEIGHTS
+    main = staticmethod(export_cli.main)
+    export_flow = staticmethod(torch_files.export_flow)
+
+    @staticmethod
+    def reverse_export_config(config):
+        return torch_files.reverse_export_config(build(config), config.model, config.biflow.model.dtype)
+
+    @staticmethod
+    def export_reverse(config, params, out_dir):
+        return torch_files.export_reverse(export.reverse_export_config(config), params, out_dir)
 
 
 def random_params(model: jax_reverse.ReverseViT, seed: int):
@@ -99,8 +121,8 @@ def random_params(model: jax_reverse.ReverseViT, seed: int):
 
 def random_flow_params(config: ml_collections.ConfigDict):
     """Forward-flow params of the right tree (values do not matter where this is used)."""
-    flow = build_flow(config.model)
-    shapes = jax.eval_shape(flow.init, jax.random.PRNGKey(0), *checkpoint.example_inputs(config))
+    flow = registry.build_flow(config.model)
+    shapes = jax.eval_shape(flow.init, jax.random.PRNGKey(0), *registry.flow_example_inputs(config.model))
     rng = np.random.default_rng(8)
     return jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
 
@@ -216,10 +238,10 @@ def test_export_writes_weights_and_every_constructor_argument(exported):
     weights = load_file(os.path.join(out_dir, export.REVERSE_WEIGHTS))
     assert set(weights) == set(reverse_layout(saved))
     assert all(w.dtype == np.float32 for w in weights.values())
-    r = config.reverse
+    r = config.biflow.model
     assert saved == {
         "num_tokens": 16, "token_dim": 4, "num_forward_blocks": 2, "depth": 4, "width": 64, "heads": 2,
-        "mlp_ratio": 4.0, "layers_per_stage": r.layers_per_stage, "num_classes": r.num_classes,
+        "mlp_ratio": 4.0, "layers_per_stage": list(r.layers_per_stage) or None, "num_classes": config.model.num_classes,
         "guidance_conditioning": r.guidance_conditioning, "guidance_embed_dim": 256,
         "stage_bottleneck": r.stage_bottleneck, "stage_sizes": list(model.stage_sizes),
         "patch_size": 2, "img_size": 8, "in_channels": 1, "trained_dtype": "float32"}
@@ -261,7 +283,7 @@ def test_export_rejects_params_that_do_not_fit_the_config(tmp_path):
     del tree["params"]["heads_1"]["norm"]
     with pytest.raises(ValueError, match="heads_1/norm/scale"):
         export.export_reverse(config, tree, str(tmp_path / "a"))
-    config.reverse.depth = 5  # one layer more than the params have
+    config.biflow.model.depth = 5  # one layer more than the params have
     with pytest.raises(ValueError, match="blocks_4"):
         export.export_reverse(config, params, str(tmp_path / "b"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -277,7 +299,7 @@ def test_load_returns_forward_and_reverse(exported, tmp_path):
     assert set(loaded) == {"forward", "forward_config", "reverse", "reverse_config"}
     assert isinstance(loaded["reverse"], ReverseModel) and not loaded["reverse"].training
     z = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(0))
-    y = torch.tensor([1, 2]) if config.reverse.num_classes else None
+    y = torch.tensor([1, 2]) if config.model.num_classes else None
     with torch.no_grad():
         assert torch.equal(loaded["reverse"](z, y, 1.0)[-1], torch_model(z, y, 1.0)[-1])
 
@@ -288,13 +310,14 @@ def stage2_job(tmp_path_factory):
     job = tmp_path_factory.mktemp("job")
     config = make_config("conditional")
     flow_params = random_flow_params(config)
-    config.forward_workdir = str(job / "forward")
     raw, ema = random_params(build(config), seed=6), random_params(build(config), seed=7)
     # Written like the training loop does (no optimizer: the loaders read only params items).
     for workdir, run_config, step, params, ema_params in (
-            (job / "forward", dict(config.to_dict(), stage="flow", forward_workdir=""), 0, flow_params, flow_params),
+            (job / "forward", dict(config.to_dict(), stage="flow"), 0, flow_params, flow_params),
             (job / "reverse", config.to_dict(), 3, raw, ema)):
         checkpoint.write_config(str(workdir), ml_collections.ConfigDict(run_config))
+        stage = "flow" if workdir.name == "forward" else "biflow"
+        runs.write_stage_file(str(workdir), stage, stage, None if stage == "flow" else str(job / "forward"))
         mngr = checkpoint.manager(str(workdir), async_save=False)
         checkpoint.save(mngr, step, params, ema_params, {"count": np.zeros((), np.int32)}, 0)
         mngr.wait_until_finished()
@@ -321,9 +344,8 @@ def test_cli_exports_flow_and_reverse_of_a_stage2_run(stage2_job, tmp_path, caps
 
 def test_cli_stage2_without_its_forward_run_fails_cleanly(stage2_job, tmp_path, capsys):
     _, config, _, _, _ = stage2_job
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.forward_workdir = str(tmp_path / "gone")
     checkpoint.write_config(str(tmp_path / "reverse"), config)
+    runs.write_stage_file(str(tmp_path / "reverse"), "biflow", "biflow", str(tmp_path / "gone"))
     with pytest.raises(SystemExit) as info:
         export.main(["--workdir", str(tmp_path / "reverse"), "--out", str(tmp_path / "out")])
     assert info.value.code == 2

@@ -7,10 +7,7 @@ from its zero init, so (a, b) depend on the context and the solvers do real work
 from __future__ import annotations
 
 import functools
-import importlib
 import math
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -209,13 +206,10 @@ def test_bad_labels_and_guidance_are_rejected(flow, batch):
 
 
 def install_fake_load_flow(monkeypatch, load_flow):
-    """Point `biflow_jax.checkpoint.load_flow` at a stand-in, whether or not the module exists yet."""
-    try:
-        module = importlib.import_module("biflow_jax.checkpoint")
-    except ImportError:
-        module = types.ModuleType("biflow_jax.checkpoint")
-        monkeypatch.setitem(sys.modules, "biflow_jax.checkpoint", module)
-    monkeypatch.setattr(module, "load_flow", load_flow, raising=False)
+    """Point `biflow_jax.runs.load_flow` at a stand-in."""
+    from biflow_jax import runs
+
+    monkeypatch.setattr(runs, "load_flow", load_flow)
 
 
 def test_run_sample_writes_grid_and_npz(one_block_flow, tmp_path, monkeypatch):
@@ -227,11 +221,13 @@ def test_run_sample_writes_grid_and_npz(one_block_flow, tmp_path, monkeypatch):
     calls = []
 
     def fake_load_flow(workdir, ema=True):
+        from biflow_jax.runs import FlowRun
+
         calls.append((workdir, ema))
-        return config, model, params
+        return FlowRun(workdir, config, model, params, 0)
 
     install_fake_load_flow(monkeypatch, fake_load_flow)
-    result = sample_mode.run_sample(config, str(tmp_path), num_images=None, ema=False)
+    result = sample_mode.run_sample(str(tmp_path), num_images=None, ema=False, config=config)
     assert calls == [(str(tmp_path), False)]
     assert result["num_images"] == 12 and result["denoise_sigma"] == pytest.approx(0.05)
 
@@ -251,4 +247,4 @@ def test_run_sample_reports_a_missing_workdir(tmp_path, monkeypatch):
 
     install_fake_load_flow(monkeypatch, missing)
     with pytest.raises(FileNotFoundError, match="cannot sample"):
-        sample_mode.run_sample(None, str(tmp_path / "nope"), 4)
+        sample_mode.run_sample(str(tmp_path / "nope"), num_images=4)

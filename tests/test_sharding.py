@@ -16,16 +16,15 @@ import subprocess
 import sys
 
 import jax
+import multiprocess_worker as worker
 import numpy as np
 import pytest
+from conftest import REPO
 from jax.sharding import PartitionSpec as P
 
-from biflow_jax import checkpoint, sharding, train
-from biflow_jax.models.tarflow import build_flow
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-import multiprocess_worker as worker  # noqa: E402
+from biflow_jax import optim, sharding, trainer
+from biflow_jax.objectives import flow
+from biflow_jax.runs import load_flow
 
 # Same global batches, devices and per-example noise; only the order of float32 sums differs
 # (gloo's cross-process all-reduce, GSPMD's sharded reductions). Measured <= 3e-8 on values of
@@ -119,7 +118,7 @@ def test_multiprocess_checkpoints_restore_sharded_and_on_one_device(runs):
         assert restored["max_diff"] < tolerance(reference), (mode, restored)
         assert "P('data', None)" in restored["specs"] and "P()" in restored["specs"]
     workdir = os.path.join(runs["root"], "run")
-    mesh = train.make_mesh(jax.devices()[:1])
+    mesh = sharding.make_mesh(jax.devices()[:1])
     with np.load(os.path.join(runs["root"], "reference.npz")) as saved:
         for mode, step in worker.SEGMENTS:  # here, in one process with one device
             state = worker.restored_state(workdir, worker.tiny_config("jit"), mesh, step=step)
@@ -127,9 +126,9 @@ def test_multiprocess_checkpoints_restore_sharded_and_on_one_device(runs):
             expected = [saved[f"{step}_{i}"] for i in range(len(got))]
             assert f"{step}_{len(got)}" not in saved.files
             assert worker.max_diff(got, expected) < tolerance(reference), mode
-    config, _, ema = checkpoint.load_flow(workdir)  # no target: saved on 4 devices of 2 processes
-    assert config.parallel.fsdp
-    assert worker.max_diff(ema, state.ema_params) == 0.0
+    loaded = load_flow(workdir)  # no target: saved on 4 devices of 2 processes
+    assert loaded.config.parallel.fsdp
+    assert worker.max_diff(loaded.params, state.ema_params) == 0.0
 
 
 def test_fsdp_spec_shards_the_largest_divisible_dimension():
@@ -146,7 +145,6 @@ def test_fsdp_spec_shards_the_largest_divisible_dimension():
 def test_fsdp_with_pmap_is_refused():
     config = worker.tiny_config("pmap")
     config.parallel.fsdp = True
-    model = build_flow(config.model)
-    with pytest.raises(ValueError, match="sharding.fsdp=True needs sharding.backend='jit'"):
-        train.make_train_step(train.make_objective(model, config).loss, train.make_optimizer(config), config,
-                              train.make_mesh(jax.devices()[:1]))
+    with pytest.raises(ValueError, match="parallel.fsdp=True needs parallel.backend='jit'"):
+        trainer.make_train_step(flow.make(config).loss, optim.make_optimizer(config.optim, 4), config.train,
+                                config.parallel, sharding.make_mesh(jax.devices()[:1]))

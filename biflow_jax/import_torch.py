@@ -1,17 +1,15 @@
 """Import an apple/ml-tarflow (or our exported) PyTorch checkpoint as a stage-1 workdir.
 
-    python -m biflow_jax.interop.import_torch --checkpoint=FILE.pth --config=configs/NAME.py --workdir=DIR
+    python -m biflow_jax.import_torch --checkpoint=FILE.pth --config=configs/NAME.py --workdir=DIR
 
 Everything is validated first (keys, shapes, the causal mask, the JAX model's own param
-tree, an empty workdir); only then is `biflow_jax.checkpoint.save_flow` called, so a bad
+tree, an empty workdir); only then is `biflow_jax.runs.save_flow` called, so a bad
 checkpoint leaves nothing behind. Training can then resume from the workdir.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import logging
 import os
 import sys
@@ -20,39 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from biflow_jax import config_files, runs
+from biflow_jax.errors import EXPECTED_ERRORS
 from biflow_jax.interop.tarflow_layout import state_dict_to_flow_params
-
-WRAPPER_KEYS = ("model", "state_dict")  # training scripts often save {'model': sd, 'optimizer': ...}
-PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel and torch.compile wrappers
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
-
-
-def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """The bare state_dict inside a checkpoint: unwrap {'model': ...}/{'state_dict': ...}, strip
-    DDP's 'module.' and torch.compile's '_orig_mod.' key prefixes."""
-    state = checkpoint
-    while isinstance(state, Mapping):
-        wrapper = next((k for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
-        if wrapper is None:
-            break
-        state = state[wrapper]
-    if not isinstance(state, Mapping):
-        raise ValueError(f"expected a state_dict (a mapping of names to tensors), got {type(state).__name__}")
-    return {_strip_prefixes(name): value for name, value in state.items()}
-
-
-def _strip_prefixes(name: str) -> str:
-    while name.startswith(PREFIXES):
-        for prefix in PREFIXES:
-            name = name.removeprefix(prefix)
-    return name
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    """A torch tensor (any float dtype, any device) or array-like -> float32 numpy."""
-    if hasattr(value, "detach"):
-        value = value.detach().float().cpu().numpy()
-    return np.asarray(value, dtype=np.float32)
+from biflow_jax.interop.torch_files import to_numpy, unwrap_state_dict
+from biflow_jax.models import registry
 
 
 def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
@@ -65,7 +35,7 @@ def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling of non-tensor objects is refused by weights_only
         raise ValueError(f"could not load {path} as a tensors-only checkpoint: {err}") from err
-    return {name: _to_numpy(value) for name, value in unwrap_state_dict(checkpoint).items()}
+    return {name: to_numpy(value) for name, value in unwrap_state_dict(checkpoint).items()}
 
 
 def _check_against_model(params: Mapping[str, Any], model_cfg: Any) -> None:
@@ -74,9 +44,7 @@ def _check_against_model(params: Mapping[str, Any], model_cfg: Any) -> None:
     import jax.numpy as jnp
     from flax.traverse_util import flatten_dict
 
-    from biflow_jax.models.tarflow import build_flow
-
-    model = build_flow(model_cfg)
+    model = registry.build_flow(model_cfg)
     images = jnp.zeros((1, model.img_size, model.img_size, model.in_channels), jnp.float32)
     labels = jnp.zeros((1,), jnp.int32) if model.num_classes else None
     expected = flatten_dict(jax.eval_shape(model.init, jax.random.PRNGKey(0), images, labels), sep="/")
@@ -96,7 +64,7 @@ def import_state_dict(state_dict: Mapping[str, Any], config: Any, workdir: str) 
     params that were saved. Raises ValueError (bad checkpoint) or FileExistsError (workdir
     not empty) before anything is written.
     """
-    state = {name: _to_numpy(value) for name, value in unwrap_state_dict(state_dict).items()}
+    state = {name: to_numpy(value) for name, value in unwrap_state_dict(state_dict).items()}
     params = state_dict_to_flow_params(state, config.model)
     _check_against_model(params, config.model)
     if not np.all(state["var"] == 1.0):
@@ -105,34 +73,24 @@ def import_state_dict(state_dict: Mapping[str, Any], config: Any, workdir: str) 
                         float(np.abs(state["var"] - 1.0).max()))
     if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
         raise FileExistsError(f"workdir {workdir} already exists and is not empty; import into a fresh one")
-    checkpoint = importlib.import_module("biflow_jax.checkpoint")
-    checkpoint.save_flow(workdir, config, params)
+    runs.save_flow(workdir, config, params)
     return params
 
 
-def load_config_file(spec: str) -> Any:
-    """`configs/NAME.py` or `configs/NAME.py:ARG` -> the module's get_config() (ml_collections style)."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such config file: {path}")
-    module_spec = importlib.util.spec_from_file_location("_imported_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m biflow_jax.interop.import_torch",
+    parser = argparse.ArgumentParser(prog="python -m biflow_jax.import_torch",
                                      description="Import a PyTorch TARFlow checkpoint as a stage-1 workdir.")
     parser.add_argument("--checkpoint", required=True, help="a .pth file holding an ml-tarflow state_dict")
     parser.add_argument("--config", required=True, help="the config file describing that model")
     parser.add_argument("--workdir", required=True, help="a new (or empty) workdir to create")
-    args = parser.parse_args(argv)
-
+    args, overrides = parser.parse_known_args(argv)
     try:
-        config = load_config_file(args.config)
+        rest, overrides = config_files.split_overrides(overrides)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        config = config_files.apply_overrides(config_files.load(args.config), overrides)
         import_state_dict(load_torch_checkpoint(args.checkpoint), config, args.workdir)
-    except USER_ERRORS as err:  # like biflow_jax.main: a message and exit code 2, no traceback
+    except EXPECTED_ERRORS as err:  # like biflow_jax.main: a message and exit code 2, no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"imported {args.checkpoint} into {args.workdir}")

@@ -1,4 +1,9 @@
-"""Stage-2 objective of BiFlow: train G to invert the frozen forward flow F (PAPERS.md section 3).
+"""Stage 2 of BiFlow (arXiv:2512.10953): train the reverse model G to invert a frozen flow F.
+
+F comes from a finished stage-1 run and is never trained here: its parameters reach the
+jitted step as frozen arguments, and its trajectory x^0 = x~, x^1, ..., x^B = z is computed
+inside the step under stop_gradient. G maps z to every x^i (hidden alignment) and finally
+to the clean image (learned denoising), optionally with training-time CFG.
 
 Pairing convention (shared with `models/reverse.py`): the forward trajectory is
 x^0 (noised image tokens) ... x^B (= z), as in `FlowOutput.trajectory`; G's stage
@@ -21,6 +26,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from biflow_jax import likelihood
+from biflow_jax.checkpoint import section_differences
+from biflow_jax.config_checks import validate_loop, validate_parallel
+from biflow_jax.errors import ConfigError, require
+from biflow_jax.models import registry
+from biflow_jax.models.reverse import ReverseViT
+from biflow_jax.models.tarflow import TARFlow, patchify
+from biflow_jax.objectives import Objective
+from biflow_jax.objectives.flow import flow_inputs
+from biflow_jax.sharding import example_keys
 
 Array = jax.Array
 
@@ -168,3 +185,82 @@ def guided_training_outputs(reverse_apply: Callable[..., Any], z: Array, y: Arra
     cond = reverse_apply(z, y, w)
     uncond = reverse_apply(z, jnp.full_like(jnp.asarray(y), -1), jnp.zeros_like(w))
     return tuple(cfg_combine(c_out, u_out, w) for c_out, u_out in zip(cond.stage_outputs, uncond.stage_outputs))
+
+
+# ---------------------------------------------------------------------------
+# The stage-2 training objective.
+
+# Keys of the data section that must agree with the stage-1 run G inverts.
+MATCHING_DATA_KEYS = ("name", "image_size", "channels", "num_classes")
+SAME_RUN_KEYS = ("biflow.model", "biflow.objective", "data.name")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Stage 2's own section: objective, guidance range, loop."""
+    b = config.biflow
+    require(b.objective in OBJECTIVES, f"biflow.objective={b.objective!r} must be one of {sorted(OBJECTIVES)}")
+    require(0.0 <= b.w_min <= b.w_max, f"biflow.w_min={b.w_min} / w_max={b.w_max} must satisfy 0 <= min <= max")
+    require(0.0 <= b.label_drop < 1.0, f"biflow.label_drop={b.label_drop} must be in [0, 1)")
+    registry.reverse_fields(b.model)
+    validate_loop(b.train, b.optim, "biflow.train")
+    validate_parallel(config)
+
+
+def check_flow_matches(config: ml_collections.ConfigDict, flow_config: ml_collections.ConfigDict,
+                       flow_workdir: str) -> None:
+    """The data and classes of this config must be those the stage-1 flow was trained on."""
+    diffs = section_differences(flow_config.model, config.model, "model.")
+    diffs += [f"data.{k}: {flow_config.data.get(k)!r} -> {config.data.get(k)!r}" for k in MATCHING_DATA_KEYS
+              if flow_config.data.get(k) != config.data.get(k)]
+    if diffs:
+        raise ConfigError(f"the stage-1 run in {flow_workdir!r} does not match this config (stage-1 value -> this "
+                          "config's): " + "; ".join(diffs) + ". G's classes and tokens come from the flow it inverts.")
+
+
+def build_reverse(config: ml_collections.ConfigDict, flow: TARFlow) -> ReverseViT:
+    return registry.build_reverse(config.biflow.model, flow)
+
+
+def init_reverse(reverse: ReverseViT, flow: TARFlow, rng: jax.Array) -> Any:
+    return reverse.init(rng, *registry.reverse_example_inputs(flow))
+
+
+def make(config: ml_collections.ConfigDict, flow_run: Any) -> Objective:
+    """Hidden alignment + learned denoising (+ training-time CFG) against `flow_run`.
+
+    flow_run: the frozen stage-1 run (`.model`, `.params`, `.config`, `.workdir`; biflow_jax.runs).
+    The noise that makes x~ is the flow's own training noise (its config's train section).
+    """
+    b = config.biflow
+    flow, flow_config = flow_run.model, flow_run.config
+    check_flow_matches(config, flow_config, flow_run.workdir)
+    reverse = build_reverse(config, flow)
+    loss_terms = OBJECTIVES[b.objective]
+    noise = ml_collections.ConfigDict(dict(noise=flow_config.train.noise, noise_std=flow_config.train.noise_std,
+                                           label_drop=b.label_drop))
+
+    def loss(params, batch, rng, index, frozen):
+        keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(rng, index))
+        x, y = flow_inputs(noise, flow.num_classes, batch, keys[:, :2])
+        trajectory = jax.lax.stop_gradient(flow.apply(frozen["flow"], x, y).trajectory)
+        clean = patchify(likelihood.to_unit_range(batch["image"]), flow.patch_size)
+
+        def apply(z, labels, w):
+            return reverse.apply(params, z, labels, w)
+
+        if b.cfg_training:
+            w = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, b.w_min, b.w_max))(keys[:, 2])
+            stages = guided_training_outputs(apply, trajectory[-1], y, w)
+        else:
+            stages = apply(trajectory[-1], y, None).stage_outputs
+        terms = loss_terms(stages, trajectory, clean, final_target="clean", adaptive=b.adaptive,
+                           p=b.adaptive_p, c=b.adaptive_c)
+        metrics = {k.replace("/", "_"): v for k, v in terms.items() if k != "total"}
+        metrics["loss"] = terms["total"]
+        return terms["total"], metrics
+
+    require(not b.cfg_training or flow.num_classes > 0,
+            "biflow.cfg_training needs a class-conditional flow (model.num_classes > 0)")
+    return Objective(name="biflow", init=lambda rng: init_reverse(reverse, flow, rng), loss=loss,
+                     flow_params=lambda params: None, frozen={"flow": flow_run.params},
+                     same_run_keys=SAME_RUN_KEYS)

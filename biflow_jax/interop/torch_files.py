@@ -1,0 +1,143 @@
+"""PyTorch-side files: the export format (safetensors + JSON configs) and reading torch checkpoints.
+
+Export: `forward.safetensors` holds exactly ml-tarflow's `transformer_flow.Model` state_dict
+(TARFlow, arXiv:2412.06329) and `forward_config.json` its constructor arguments;
+`reverse.safetensors` / `reverse_config.json` hold BiFlow's G for `biflow_jax.torch`.
+Import: the state_dict inside whatever a training script saved (wrappers, DDP prefixes).
+Pure functions of arrays and configs; workdirs are the CLIs' business (biflow_jax.export,
+biflow_jax.import_torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from biflow_jax.interop.reverse_layout import reverse_params_to_state_dict
+from biflow_jax.interop.tarflow_layout import flow_params_to_state_dict
+
+FORWARD_WEIGHTS = "forward.safetensors"
+FORWARD_CONFIG = "forward_config.json"
+REVERSE_WEIGHTS = "reverse.safetensors"
+REVERSE_CONFIG = "reverse_config.json"
+WRAPPER_KEYS = ("model", "state_dict")  # training scripts often save {'model': sd, 'optimizer': ...}
+PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel and torch.compile wrappers
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The bare state_dict inside a checkpoint: unwrap {'model': ...}/{'state_dict': ...}, strip
+    DDP's 'module.' and torch.compile's '_orig_mod.' key prefixes."""
+    state = checkpoint
+    while isinstance(state, Mapping):
+        wrapper = next((k for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
+        if wrapper is None:
+            break
+        state = state[wrapper]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"expected a state_dict (a mapping of names to tensors), got {type(state).__name__}")
+    return {strip_prefixes(name): value for name, value in state.items()}
+
+
+def strip_prefixes(name: str) -> str:
+    while name.startswith(PREFIXES):
+        for prefix in PREFIXES:
+            name = name.removeprefix(prefix)
+    return name
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A torch tensor (any float dtype, any device) or array-like -> float32 numpy."""
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+
+def forward_config(config: Any) -> dict[str, Any]:
+    """ml-tarflow's `Model(...)` arguments for this flow, plus our extras.
+
+    Extras: head_dim, expansion, clip (architecture), and the training noise (noise_type,
+    noise_std) so a PyTorch user knows what the model's data distribution was.
+    """
+    model = config.model
+    train = config.get("train", None) or {}
+    return {
+        "in_channels": int(model.in_channels),
+        "img_size": int(model.img_size),
+        "patch_size": int(model.patch_size),
+        "channels": int(model.channels),
+        "num_blocks": int(model.num_blocks),
+        "layers_per_block": int(model.layers_per_block),
+        "nvp": True,
+        "num_classes": int(model.num_classes),
+        "head_dim": int(model.head_dim),
+        "expansion": int(model.expansion),
+        "clip": float(model.clip),
+        "noise_type": train.get("noise", None),
+        "noise_std": train.get("noise_std", None),
+        "trained_dtype": str(model.dtype),
+    }
+
+
+def export_flow(config: Any, params: Any, out_dir: str) -> dict[str, str]:
+    """Write the flow's weights and config into `out_dir` (created if needed); return the paths."""
+    state_dict = flow_params_to_state_dict(params, config.model)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"weights": os.path.join(out_dir, FORWARD_WEIGHTS), "config": os.path.join(out_dir, FORWARD_CONFIG)}
+    save_file(state_dict, paths["weights"], metadata={"format": "pt", "layout": "ml-tarflow transformer_flow.Model"})
+    with open(paths["config"], "w") as f:
+        json.dump(forward_config(config), f, indent=2, sort_keys=True)
+    return paths
+
+
+def reverse_export_config(model: Any, flow_model_cfg: Any, dtype: str) -> dict[str, Any]:
+    """Every constructor argument of G (a built `ReverseViT`) plus the forward side's image geometry.
+
+    The arguments are read off the model itself, so defaults a config leaves out
+    (guidance_embed_dim) are recorded too; `stage_sizes` is the resolved split and
+    `trained_dtype` (G's compute dtype name) what G computed in.
+    """
+    flow = flow_model_cfg
+    patch = int(flow.patch_size)
+    num_tokens = (int(flow.img_size) // patch) ** 2
+    token_dim = int(flow.in_channels) * patch * patch
+    layers = model.layers_per_stage
+    return {
+        "num_tokens": num_tokens,
+        "token_dim": token_dim,
+        "num_forward_blocks": int(model.num_forward_blocks),
+        "depth": int(model.depth),
+        "width": int(model.width),
+        "heads": int(model.heads),
+        "mlp_ratio": float(model.mlp_ratio),
+        "layers_per_stage": None if layers is None else [int(n) for n in layers],
+        "num_classes": int(model.num_classes),
+        "guidance_conditioning": bool(model.guidance_conditioning),
+        "guidance_embed_dim": int(model.guidance_embed_dim),
+        "stage_bottleneck": bool(model.stage_bottleneck),
+        "stage_sizes": [int(n) for n in model.stage_sizes],
+        "patch_size": patch,
+        "img_size": int(flow.img_size),
+        "in_channels": int(flow.in_channels),
+        "trained_dtype": str(dtype),
+    }
+
+
+def export_reverse(reverse_config: dict[str, Any], reverse_params: Any, out_dir: str) -> dict[str, str]:
+    """Write G's weights (float32) and its `reverse_export_config` into `out_dir`; return the paths.
+
+    Raises ValueError naming any param the config does not expect, before writing anything.
+    """
+    state_dict = reverse_params_to_state_dict(reverse_params, reverse_config)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"weights": os.path.join(out_dir, REVERSE_WEIGHTS), "config": os.path.join(out_dir, REVERSE_CONFIG)}
+    layout = "biflow_jax.torch.reverse.ReverseModel"
+    save_file(state_dict, paths["weights"], metadata={"format": "pt", "layout": layout})
+    with open(paths["config"], "w") as f:
+        json.dump(reverse_config, f, indent=2, sort_keys=True)
+    return paths

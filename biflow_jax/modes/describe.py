@@ -1,0 +1,97 @@
+"""`--mode=describe`: what a config would train, without data, weights or compiling a step.
+
+For every stage the config runs, the models are built abstractly (`jax.eval_shape`) and
+described: class, parameter count, token grid, classes and forward FLOPs per image (from
+XLA's cost analysis of the lowered forward pass). The last line printed is one JSON object:
+{"stages": [{"name", "model", "params", "classes", "tokens", "token_grid", "flops_per_image"}, ...]}.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from biflow_jax.models import registry
+from biflow_jax.objectives import biflow
+
+FLOP_BATCH = 2  # images per traced batch; FLOPs are divided by it
+
+
+def count(tree: Any) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+
+def flops(fn: Any, *args: Any) -> float | None:
+    """Forward FLOPs of fn(*args) from XLA's cost analysis of the lowered computation (no compile)."""
+    try:
+        analysis = jax.jit(fn).lower(*args).cost_analysis()
+    except Exception:  # a backend without cost analysis
+        return None
+    if isinstance(analysis, list):
+        analysis = analysis[0] if analysis else {}
+    value = (analysis or {}).get("flops")
+    return float(value) if value is not None else None
+
+
+def describe_flow(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    model = registry.build_flow(config.model)
+    x, y = registry.flow_example_inputs(config.model)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, y))
+    xb = jax.ShapeDtypeStruct((FLOP_BATCH,) + x.shape[1:], jnp.float32)
+    yb = None if y is None else jax.ShapeDtypeStruct((FLOP_BATCH,), jnp.int32)
+    f = flops(lambda p, xx, yy: model.apply(p, xx, yy).z, params, xb, yb)
+    grid = config.model.img_size // config.model.patch_size
+    return {"name": "flow", "model": f"{config.model.get('name', 'tarflow')} {model.num_blocks} blocks x "
+            f"{model.layers_per_block} layers, width {model.channels}, patch {model.patch_size}",
+            "params": count(params), "classes": model.num_classes, "tokens": model.num_tokens,
+            "token_grid": [grid, grid], "token_dim": model.token_dim,
+            "flops_per_image": None if f is None else f / FLOP_BATCH}
+
+
+def describe_biflow(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """G as stage 2 would build it over this config's flow (classes and tokens come from the flow)."""
+    flow = registry.build_flow(config.model)
+    reverse = biflow.build_reverse(config, flow)
+    z, y, w = registry.reverse_example_inputs(flow)
+    params = jax.eval_shape(lambda: reverse.init(jax.random.key(0), z, y, w))
+    zb = jax.ShapeDtypeStruct((FLOP_BATCH,) + z.shape[1:], jnp.float32)
+    yb = None if y is None else jax.ShapeDtypeStruct((FLOP_BATCH,), jnp.int32)
+    wb = jax.ShapeDtypeStruct((FLOP_BATCH,), jnp.float32)
+    f = flops(lambda p, zz, yy, ww: reverse.apply(p, zz, yy, ww).image_tokens, params, zb, yb, wb)
+    fields = registry.reverse_fields(config.biflow.model)
+    grid = config.model.img_size // config.model.patch_size
+    return {"name": "biflow", "model": f"ReverseViT {config.biflow.model.variant}: depth {fields['depth']}, "
+            f"width {fields['width']}, {fields['heads']} heads, {reverse.num_stages} stages",
+            "params": count(params), "classes": reverse.num_classes, "tokens": reverse.num_tokens,
+            "token_grid": [grid, grid], "token_dim": reverse.token_dim,
+            "flops_per_image": None if f is None else f / FLOP_BATCH}
+
+
+def describe(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """{'stages': [...]} for the stages `config.stage` runs ('both' describes both)."""
+    stages = []
+    if config.stage in ("flow", "both"):
+        stages.append(describe_flow(config))
+    if config.stage in ("biflow", "both"):
+        stages.append(describe_biflow(config))
+    return {"stages": stages}
+
+
+def run(config: ml_collections.ConfigDict, all_stages: bool = True) -> dict[str, Any]:
+    """Print a human description of each stage, then the JSON line. all_stages: describe stage 2 even
+    for a stage-1 config (the paper configs carry a real stage-2 section)."""
+    if all_stages and config.stage == "flow":
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.stage = "both"
+    result = describe(config)
+    for s in result["stages"]:
+        gflops = "n/a" if s["flops_per_image"] is None else f"{s['flops_per_image'] / 1e9:.3f} GFLOP"
+        print(f"{s['name']}: {s['model']}; {s['params']:,} params ({s['params'] / 1e6:.1f}M); "
+              f"{s['tokens']} tokens ({s['token_grid'][0]}x{s['token_grid'][1]}) of {s['token_dim']} dims; "
+              f"{s['classes']} classes; forward {gflops} per image")
+    print(json.dumps(result))
+    return result

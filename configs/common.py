@@ -1,0 +1,124 @@
+"""The sections every experiment config builds on (data only: no biflow_jax, no TensorFlow).
+
+An experiment file calls `base()` and overrides what differs. Sections:
+  stage     'flow' (stage 1), 'biflow' (stage 2 against biflow.flow_init) or 'both'
+            (WORKDIR/forward then WORKDIR/reverse: the two-stage job)
+  data      dataset (digits | folder | a prepared TFDS name), image size, classes
+  model     the forward flow (TARFlow, arXiv:2412.06329); `name` picks the class
+  train     stage 1's loop: batch, steps, noise, EMA, logging/eval/checkpoint cadence
+  optim     stage 1's AdamW and schedule
+  align     R-REPA (arXiv:2604.01413), off unless enabled
+  evals     stage 1's evaluators, by name -> {every: steps (0 = at the end only), ...}
+  biflow    stage 2 (BiFlow, arXiv:2512.10953): flow_init, G's `model` (a variant string +
+            overrides), the objective, and its own train / optim / evals sections
+  sample    exact-inverse sampling settings (guidance, solver, denoising)
+  parallel  jit | pmap backend, fsdp
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def data(**overrides) -> ml_collections.ConfigDict:
+    fields = dict(name="digits", data_dir="", folder="", train_split="train", test_split="test", image_size=8,
+                  channels=1, num_classes=10, random_flip=False, shuffle_buffer=50_000, label_key="label")
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+def flow_model(**overrides) -> ml_collections.ConfigDict:
+    """TARFlow as ml-tarflow builds it (one head per 64 channels, 4x MLP, no clip by default)."""
+    fields = dict(name="tarflow", img_size=8, in_channels=1, patch_size=2, channels=64, num_blocks=4,
+                  layers_per_block=2, num_classes=10, head_dim=64, expansion=4, clip=0.0, dtype="float32")
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+def loop(**overrides) -> ml_collections.ConfigDict:
+    """A stage's training loop. `ema_warmup`: the EMA decay ramps as min(decay, (1+t)/(10+t))."""
+    fields = dict(seed=0, batch_size=64, eval_batch_size=300, steps=2000, ema_decay=0.999, ema_warmup=True,
+                  log_every=100, eval_every=1000, checkpoint_every=500, keep_checkpoints=2)
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+def flow_train(**overrides) -> ml_collections.ConfigDict:
+    """Stage 1's loop plus the input noise of the flow and label dropout for guidance."""
+    fields = loop().to_dict()
+    fields.update(noise="uniform", noise_std=0.0, label_drop=0.1)
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+def optim(**overrides) -> ml_collections.ConfigDict:
+    fields = dict(lr=2e-3, init_lr=1e-6, end_lr=1e-5, warmup_steps=100, b1=0.9, b2=0.95, weight_decay=1e-4,
+                  grad_clip=1.0)
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+def align(**overrides) -> ml_collections.ConfigDict:
+    """R-REPA: locations are 1-indexed (block in forward order, layer); encoder is a DINOv2 size."""
+    fields = dict(enabled=False, locations=[(7, 6), (8, 6)], weight=0.1, mode="reverse", reverse_passes=1,
+                  projector_hidden=1024, encoder="vitb14", weights="", random_init=False, registers=False,
+                  resolution=224, dtype="float32")
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+def reverse_model(variant: str = "B/2", **overrides) -> ml_collections.ConfigDict:
+    """BiFlow's G: a size preset ('tiny', 'B/2', 'L/2', 'XL/2') and optional overrides.
+
+    Fields left as None take the preset's value. G's classes, token grid and stage count
+    come from the forward flow it inverts, never from here.
+    """
+    fields = dict(variant=variant, depth=placeholder(int), width=placeholder(int), heads=placeholder(int),
+                  mlp_ratio=placeholder(float), layers_per_stage=[], guidance_conditioning=True,
+                  stage_bottleneck=False, dtype="float32")
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+def biflow(**overrides) -> ml_collections.ConfigDict:
+    """Stage 2. flow_init: the stage-1 workdir G inverts ('' in the two-stage job: WORKDIR/forward)."""
+    c = ml_collections.ConfigDict(dict(
+        flow_init="", model=reverse_model("tiny"), objective="hidden_alignment", adaptive=True, adaptive_p=1.0,
+        adaptive_c=0.01, cfg_training=True, w_min=0.0, w_max=3.0, guidance=1.0, label_drop=0.1,
+        train=loop(steps=1500), optim=optim(lr=1e-3),
+        evals=dict(reconstruction=dict(every=1000))))
+    for key, value in overrides.items():  # whole sections are replaced, not merged
+        c[key] = value
+    return c
+
+
+def sample(**overrides) -> ml_collections.ConfigDict:
+    fields = dict(num_images=100, batch_size=100, guidance=0.0, guide_what="ab", annealed=False, attn_temp=1.0,
+                  rule="cfg", solver="cached", noise_scale=1.0, denoise=False, jacobi_tol=1e-4, jacobi_max_iters=0)
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+def base() -> ml_collections.ConfigDict:
+    """Every section at its default: the digits-sized TARFlow, stage 1 only."""
+    c = ml_collections.ConfigDict()
+    c.stage = "flow"
+    c.data = data()
+    c.model = flow_model()
+    c.train = flow_train()
+    c.optim = optim()
+    c.parallel = ml_collections.ConfigDict(dict(backend="jit", fsdp=False))
+    c.align = align()
+    c.evals = ml_collections.ConfigDict(dict(bpd=dict(every=1000)))
+    c.biflow = biflow()
+    c.sample = sample()
+    return c
+
+
+def variant(arg: str, choices: tuple[str, ...], file: str) -> str:
+    """The config's `:ARG` (first choice when empty), or a clear error naming the choices."""
+    chosen = arg or choices[0]
+    if chosen not in choices:
+        raise ValueError(f"{file} takes one of {list(choices)} after ':', got {arg!r}")
+    return chosen
