@@ -24,6 +24,8 @@ from biflow_jax.interop.tarflow_layout import state_dict_to_flow_params
 from biflow_jax.interop.torch_files import to_numpy, unwrap_state_dict
 from biflow_jax.models import registry
 
+ZIP_MAGIC, PICKLE_PROTO = b"PK\x03\x04", b"\x80"  # torch.save's zip format; the legacy pickle format
+
 
 def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
     """torch.load a .pth file (tensors only, on CPU) and return its state_dict as numpy."""
@@ -31,11 +33,29 @@ def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such checkpoint file: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise ValueError(f"{path} is empty (0 bytes): not a PyTorch checkpoint")
+    if head != ZIP_MAGIC and head[:1] != PICKLE_PROTO:
+        raise ValueError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling of non-tensor objects is refused by weights_only
-        raise ValueError(f"could not load {path} as a tensors-only checkpoint: {err}") from err
+    except Exception as err:  # noqa: BLE001  torch raises several kinds for damaged or non-tensor files
+        raise ValueError(f"could not load {path} as a tensors-only checkpoint: {torch_load_reason(err)}") from None
     return {name: to_numpy(value) for name, value in unwrap_state_dict(checkpoint).items()}
+
+
+
+def torch_load_reason(err: Exception) -> str:
+    """torch.load's reason in one line, without its advice to retry with weights_only=False (which would
+    run code from the file, and which this importer never does)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:  # the part after torch's boilerplate names what was refused
+        detail = " ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
+        return f"it holds more than tensors ({detail or 'unsupported pickle content'})"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    return first.split(". This is an internal")[0][:200]
 
 
 def _check_against_model(params: Mapping[str, Any], model_cfg: Any) -> None:
