@@ -18,12 +18,14 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from biflow_jax.data import image_folder
 from biflow_jax.errors import DataError
 
 # tf.data must not grab the accelerator or all host threads JAX needs.
 tf.config.set_visible_devices([], "GPU")
 
 BUILTIN = "digits"
+FOLDER = "folder"  # FOLDER/<split>/<class>/<images>: biflow_jax.data.image_folder
 
 
 def _builder(data_cfg: Any) -> tfds.core.DatasetBuilder:
@@ -34,11 +36,6 @@ def _builder(data_cfg: Any) -> tfds.core.DatasetBuilder:
         builder = SklearnDigits(data_dir=data_dir)
         builder.download_and_prepare()  # offline: built from scikit-learn on first use
         return builder
-    if data_cfg.name == "folder":
-        if not data_cfg.get("folder") or not os.path.isdir(data_cfg.folder):
-            raise DataError(f"data.folder={data_cfg.get('folder')!r} is not a directory "
-                            "(expected FOLDER/<split>/<class>/<image files>)")
-        return tfds.folder_dataset.ImageFolder(data_cfg.folder)
     if data_dir is not None and not os.path.isdir(data_dir):
         raise DataError(f"data.data_dir={data_dir!r} does not exist")
     try:
@@ -55,21 +52,32 @@ def _builder(data_cfg: Any) -> tfds.core.DatasetBuilder:
 
 def dataset_info(data_cfg: Any) -> dict[str, Any]:
     """Sizes of the splits, used for epochs and eval."""
+    if data_cfg.name == FOLDER:  # checked whole here: classes, empty folders, unreadable files
+        return image_folder.dataset_info(data_cfg)
     builder = _builder(data_cfg)
+    check_class_count(data_cfg, builder)
     return {"num_examples": {k: v.num_examples for k, v in builder.info.splits.items()}}
+
+
+def check_class_count(data_cfg: Any, builder: tfds.core.DatasetBuilder) -> None:
+    """A TFDS label feature with a known class count must match data.num_classes (labels are never clipped)."""
+    features, key = builder.info.features, data_cfg.get("label_key", "label")
+    feature = features[key] if features is not None and key in features.keys() else None
+    classes = getattr(feature, "num_classes", None)
+    if data_cfg.num_classes and classes and classes != data_cfg.num_classes:
+        raise DataError(f"dataset {data_cfg.name!r} has {classes} classes but data.num_classes="
+                        f"{data_cfg.num_classes}; set data.num_classes={classes} (and model.num_classes)")
 
 
 def _source(data_cfg: Any, split: str) -> tf.data.Dataset:
     """This process's shard of `split`, in a fixed order, as (image uint8, label) pairs."""
+    if data_cfg.name == FOLDER:  # (file path, label) pairs: decoded in `prepare`, after shuffling
+        return image_folder.source(data_cfg, split)
     builder = _builder(data_cfg)
     if split not in builder.info.splits:
         raise DataError(f"split {split!r} not in dataset {data_cfg.name!r} (has {sorted(builder.info.splits)})")
     shard = tfds.split_for_jax_process(split, drop_remainder=True)
-    if data_cfg.name == "folder":
-        ds = builder.as_dataset(split=shard, shuffle_files=False)
-    else:
-        ds = builder.as_dataset(split=shard, shuffle_files=False,
-                                read_config=tfds.ReadConfig(interleave_cycle_length=1))
+    ds = builder.as_dataset(split=shard, shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1))
     label_key = data_cfg.get("label_key", "label")
     return ds.map(lambda ex: (ex["image"], tf.cast(ex.get(label_key, -1), tf.int32)))
 
@@ -110,15 +118,19 @@ def train_batches(data: Any, batch_size: int, seed: int, position: int = 0) -> I
 
     def prepare(index, example):
         image, label, _ = example
+        checks = {}  # folder data: the file and whether it decoded, for checked_batches
+        if data.name == FOLDER:
+            checks["path"] = image
+            image, checks["readable"] = image_folder.decode(image, data.channels)
         image = _resize(image, data.image_size, data.channels)
         if data.get("random_flip", False):
             image = tf.image.stateless_random_flip_left_right(
                 image, seed=tf.stack([tf.cast(seed, tf.int64), index]))
-        return {"image": image, "label": label}
+        return {"image": image, "label": label, **checks}
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return ds.as_numpy_iterator()
+    return checked_batches(ds.as_numpy_iterator(), data)
 
 
 def eval_batches(data: Any, batch_size: int, split: str | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -126,10 +138,15 @@ def eval_batches(data: Any, batch_size: int, split: str | None = None) -> Iterat
     `batch_size`; `mask` marks the real examples."""
     local_batch = local_batch_size(batch_size)
     ds = _source(data, split or data.test_split)
-    ds = ds.map(lambda img, lab: {"image": _resize(img, data.image_size, data.channels), "label": lab,
-                                  "mask": tf.constant(True)})
+    if data.name == FOLDER:
+        ds = ds.map(lambda path, lab: dict(zip(("image", "readable"), image_folder.decode(path, data.channels)),
+                                           path=path, label=lab, mask=tf.constant(True)))
+        ds = ds.map(lambda ex: {**ex, "image": _resize(ex["image"], data.image_size, data.channels)})
+    else:
+        ds = ds.map(lambda img, lab: {"image": _resize(img, data.image_size, data.channels), "label": lab,
+                                      "mask": tf.constant(True)})
     ds = ds.padded_batch(local_batch).prefetch(tf.data.AUTOTUNE)  # variable last batch, padded below
-    for batch in ds.as_numpy_iterator():
+    for batch in checked_batches(ds.as_numpy_iterator(), data):
         n = len(batch["label"])
         if n < local_batch:
             pad = local_batch - n
@@ -145,6 +162,26 @@ def split_arrays(data: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
         images.append(batch["image"][keep])
         labels.append(batch["label"][keep])
     return np.concatenate(images), np.concatenate(labels)
+
+
+def checked_batches(batches: Iterator[dict[str, np.ndarray]], data: Any) -> Iterator[dict[str, np.ndarray]]:
+    """Batches whose labels lie in [0, data.num_classes) and whose images all decoded; else a DataError that
+    names the label or the file (an out-of-range label would be clipped silently by the class embedding)."""
+    for batch in batches:
+        if "readable" in batch:
+            readable, paths = batch.pop("readable"), batch.pop("path")
+            if not readable.all():
+                path = paths[np.argmin(readable)].decode()
+                raise DataError(f"image file {path!r} in data.folder could not be decoded; remove it, or set "
+                                "data.skip_unreadable=True to leave out every such file (all are decoded at start)")
+        labels = batch["label"][batch["mask"]] if "mask" in batch else batch["label"]
+        classes = data.num_classes
+        if classes and labels.size and (labels.min() < 0 or labels.max() >= classes):
+            bad = int(labels[(labels < 0) | (labels >= classes)][0])
+            raise DataError(f"label {bad} in dataset {data.name!r} is outside [0, {classes}) "
+                            f"(data.num_classes={classes}); set data.num_classes (and model.num_classes) to the "
+                            "dataset's class count")
+        yield batch
 
 
 def local_batch_size(global_batch: int) -> int:
