@@ -52,6 +52,10 @@ def _builder(data_cfg: Any) -> tfds.core.DatasetBuilder:
 
 def dataset_info(data_cfg: Any) -> dict[str, Any]:
     """Sizes of the splits, used for epochs and eval."""
+    if data_cfg.name == "latents":  # VAE posteriors written by biflow_jax.data.latents
+        from biflow_jax.data import latents
+
+        return latents.dataset_info(data_cfg)
     if data_cfg.name == FOLDER:  # checked whole here: classes, empty folders, unreadable files
         return image_folder.dataset_info(data_cfg)
     builder = _builder(data_cfg)
@@ -71,6 +75,10 @@ def check_class_count(data_cfg: Any, builder: tfds.core.DatasetBuilder) -> None:
 
 def _source(data_cfg: Any, split: str) -> tf.data.Dataset:
     """This process's shard of `split`, in a fixed order, as (image uint8, label) pairs."""
+    if data_cfg.name == "latents":  # ({'mean', 'std'} of the image and its flip, label) pairs
+        from biflow_jax.data import latents
+
+        return latents.source(data_cfg, split)
     if data_cfg.name == FOLDER:  # (file path, label) pairs: decoded in `prepare`, after shuffling
         return image_folder.source(data_cfg, split)
     builder = _builder(data_cfg)
@@ -118,6 +126,12 @@ def train_batches(data: Any, batch_size: int, seed: int, position: int = 0) -> I
 
     def prepare(index, example):
         image, label, _ = example
+        if data.name == "latents":  # the stored flip instead of flipping pixels
+            from biflow_jax.data import latents
+
+            flip = data.get("random_flip", False) and tf.random.stateless_uniform(
+                [], seed=tf.stack([tf.cast(seed, tf.int64), index])) < 0.5
+            return latents.example(image, label, flip)
         checks = {}  # folder data: the file and whether it decoded, for checked_batches
         if data.name == FOLDER:
             checks["path"] = image
@@ -138,7 +152,11 @@ def eval_batches(data: Any, batch_size: int, split: str | None = None) -> Iterat
     `batch_size`; `mask` marks the real examples."""
     local_batch = local_batch_size(batch_size)
     ds = _source(data, split or data.test_split)
-    if data.name == FOLDER:
+    if data.name == "latents":
+        from biflow_jax.data import latents
+
+        ds = ds.map(lambda img, lab: {**latents.example(img, lab, False), "mask": tf.constant(True)})
+    elif data.name == FOLDER:
         ds = ds.map(lambda path, lab: dict(zip(("image", "readable"), image_folder.decode(path, data.channels)),
                                            path=path, label=lab, mask=tf.constant(True)))
         ds = ds.map(lambda ex: {**ex, "image": _resize(ex["image"], data.image_size, data.channels)})

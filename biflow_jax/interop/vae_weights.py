@@ -178,3 +178,26 @@ def load_vae(path: str | os.PathLike[str], dtype: str = "float32") -> tuple[VAEC
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e} ({NEEDED})") from None
     return cfg, vae_params_from_state_dict(cfg, state, what=f"VAE weights in {path}")
+
+
+def save_vae(path: str | os.PathLike[str], cfg: VAEConfig, params: Mapping[str, Any]) -> None:
+    """Write params as a diffusers AutoencoderKL directory (config.json + safetensors) that `load_vae`
+    and diffusers' `AutoencoderKL.from_pretrained` read: random test VAEs without torch."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    os.makedirs(path, exist_ok=True)
+    levels = len(cfg.block_out_channels)
+    raw = {"_class_name": "AutoencoderKL", "act_fn": "silu", "in_channels": cfg.in_channels,
+           "out_channels": cfg.out_channels, "block_out_channels": list(cfg.block_out_channels),
+           "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+           "layers_per_block": cfg.layers_per_block, "latent_channels": cfg.latent_channels,
+           "norm_num_groups": cfg.norm_num_groups,
+           "sample_size": list(cfg.sample_size) if isinstance(cfg.sample_size, tuple) else cfg.sample_size,
+           "scaling_factor": cfg.scaling_factor, "shift_factor": cfg.shift_factor or None,
+           "use_quant_conv": cfg.use_quant_conv, "use_post_quant_conv": cfg.use_post_quant_conv,
+           "mid_block_add_attention": cfg.mid_block_add_attention}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(raw, f, indent=1)
+    save_file(vae_params_to_state_dict(cfg, params), os.path.join(path, "diffusion_pytorch_model.safetensors"))

@@ -1,0 +1,392 @@
+"""Encode an image dataset once through the frozen VAE, and read the latents back as a dataset.
+
+`python -m biflow_jax.data.latents --config=configs/imagenet256_latent.py:b2 --out=DIR`
+reads the image dataset `config.latent.source` (a TFDS name, an image folder
+FOLDER/<split>/<class>/<files>, or the built-in digits), centre-crops every image the
+ADM way (Dhariwal & Nichol, arXiv:2105.05233: halve with a box filter while the short
+side is at least twice the target, bicubic resize of the short side, centre crop) and
+encodes it and its horizontal flip with the VAE of `config.latent.vae_path`. Every
+example stores the posterior mean and std of both views (unscaled, `latent.store_dtype`);
+the training step draws its own latent from them (biflow_jax.latent_space).
+
+Format: DIR/latents.json (shapes, dtype, counts, the VAE and source it came from) and
+TFRecord shards DIR/<split>-<i>-of-<n>.tfrecord of `shard_size` examples in the source's
+order, each record {mean, std: raw bytes of (2, h, w, c), label: int64}. Shard i is
+encoded by process i mod process_count, written to a temporary name and renamed when
+complete, so a killed run restarts where it stopped (finished shards are skipped) and
+a rerun produces the same files. The input pipeline reads a split back in that fixed
+order (`source`), so training order and resumption work exactly as for images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from biflow_jax.errors import DataError
+
+META_FILE = "latents.json"
+FORMAT = "biflow_jax latents v1"
+STD_KEY = "image_std"  # the batch key of the std; biflow_jax.latent_space.STD_KEY names the same key
+STORE_DTYPES = ("float16", "float32")
+
+
+# ---------------------------------------------------------------------------
+# Images in.
+
+def center_crop_adm(image: Any, size: int) -> np.ndarray:
+    """A PIL image -> uint8 (size, size, 3): ADM's centre crop (box halving, bicubic, crop)."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return np.ascontiguousarray(arr[top:top + size, left:left + size])
+
+
+def _folder_files(folder: str, split: str) -> list[tuple[str, int]]:
+    root = os.path.join(folder, split)
+    if not os.path.isdir(root):
+        raise DataError(f"image folder {folder!r} has no split directory {split!r} "
+                        "(expected FOLDER/<split>/<class>/<image files>)")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    files = [(os.path.join(root, c, f), label) for label, c in enumerate(classes)
+             for f in sorted(os.listdir(os.path.join(root, c))) if not f.startswith(".")]
+    if not files:
+        raise DataError(f"image folder {root!r} holds no images")
+    return files
+
+
+class ImageSource:
+    """One split of the source dataset: `len` examples, read by index range in a fixed order."""
+
+    def __init__(self, source: Any, split: str):
+        self.source, self.split, self.size = source, split, int(source.image_size)
+        if source.name == "folder":
+            self.files = _folder_files(source.folder, split)
+            self.count = len(self.files)
+        elif source.name == "digits":
+            from biflow_jax.data.digits import digits_arrays
+
+            arrays = digits_arrays()
+            if split not in arrays:
+                raise DataError(f"the digits have splits ['test', 'train'], not {split!r}")
+            self.arrays = arrays[split]
+            self.count = len(self.arrays[1])
+        else:
+            from biflow_jax.data import input_pipeline
+
+            self.builder = input_pipeline._builder(source)
+            if split not in self.builder.info.splits:
+                raise DataError(f"split {split!r} not in dataset {source.name!r}")
+            self.count = int(self.builder.info.splits[split].num_examples)
+
+    def read(self, start: int, end: int) -> Iterator[tuple[np.ndarray, int]]:
+        """(uint8 (size, size, 3) ADM crop, label) for examples start..end-1."""
+        from PIL import Image
+
+        if self.source.name == "folder":
+            for path, label in self.files[start:end]:
+                try:
+                    with Image.open(path) as im:
+                        yield center_crop_adm(im, self.size), label
+                except OSError as e:
+                    raise DataError(f"cannot read image {path!r}: {e}") from None
+        elif self.source.name == "digits":
+            images, labels = self.arrays
+            for image, label in zip(images[start:end], labels[start:end]):
+                yield center_crop_adm(Image.fromarray(image[..., 0]), self.size), int(label)
+        else:
+            import tensorflow_datasets as tfds
+
+            label_key = self.source.get("label_key", "label")
+            ds = self.builder.as_dataset(split=f"{self.split}[{start}:{end}]", shuffle_files=False,
+                                         read_config=tfds.ReadConfig(interleave_cycle_length=1))
+            for ex in tfds.as_numpy(ds):
+                image = ex["image"]
+                image = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+                yield center_crop_adm(image, self.size), int(ex.get(label_key, -1))
+
+
+# ---------------------------------------------------------------------------
+# Encoding.
+
+def make_encoder(vae_cfg: Any):
+    """jitted (params, uint8 images (N, H, W, 3)) -> (mean, std), each (N, 2, h, w, c): image and its flip."""
+    import jax
+    import jax.numpy as jnp
+
+    from biflow_jax.models.vae import AutoencoderKL
+
+    model = AutoencoderKL(vae_cfg)
+
+    @jax.jit
+    def encode(params, images_uint8):
+        x = images_uint8.astype(jnp.float32) / 127.5 - 1.0
+        both = jnp.concatenate([x, x[:, :, ::-1]])
+        mean, std = model.apply({"params": params}, both, method=model.encode)
+        n = x.shape[0]
+        return jnp.stack([mean[:n], mean[n:]], 1), jnp.stack([std[:n], std[n:]], 1)
+
+    return encode
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def _write_shard(path: str, mean: np.ndarray, std: np.ndarray, labels: np.ndarray) -> None:
+    """All records of one shard, to a temporary file renamed into place (a shard is there whole or not at all)."""
+    import tensorflow as tf
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with tf.io.TFRecordWriter(tmp) as writer:
+        for m, s, y in zip(mean, std, labels):
+            feature = {"mean": tf.train.Feature(bytes_list=tf.train.BytesList(value=[m.tobytes()])),
+                       "std": tf.train.Feature(bytes_list=tf.train.BytesList(value=[s.tobytes()])),
+                       "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(y)]))}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, content: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(content, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _encode_range(encoder: Any, params: Any, examples: Iterator[tuple[np.ndarray, int]], batch: int, dtype: str,
+                  bar: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, std, labels) of an example stream, encoded `batch` images at a time."""
+    means, stds, labels, images = [], [], [], []
+
+    def flush():
+        m, s = encoder(params, np.stack(images))
+        means.append(np.asarray(m).astype(dtype))
+        stds.append(np.asarray(s).astype(dtype))
+        bar.update(len(images))
+        images.clear()
+
+    for image, label in examples:
+        images.append(image)
+        labels.append(label)
+        if len(images) == batch:
+            flush()
+    if images:
+        flush()
+    return np.concatenate(means), np.concatenate(stds), np.asarray(labels, np.int64)
+
+
+def plan(config: Any, vae_cfg: Any, splits: list[str]) -> dict[str, Any]:
+    """The metadata of the dataset `encode` writes (everything but the shards)."""
+    latent, source = config.latent, config.latent.source
+    side = source.image_size // vae_cfg.downsample_factor
+    shard_size = int(latent.get("shard_size", 10_000))
+    counts = {split: ImageSource(source, split).count for split in splits}
+    return {
+        "format": FORMAT,
+        "latent_shape": [side, side, vae_cfg.latent_channels],
+        "views": ["image", "horizontal_flip"],
+        "dtype": latent.get("store_dtype", "float16"),
+        "shard_size": shard_size,
+        "splits": {s: {"num_examples": n, "num_shards": max(1, -(-n // shard_size))} for s, n in counts.items()},
+        "source": {k: source.get(k) for k in ("name", "folder", "data_dir", "image_size", "label_key")},
+        "crop": "adm_center_crop",
+        "vae": {"path": os.path.abspath(os.path.expanduser(latent.vae_path)),
+                "block_out_channels": list(vae_cfg.block_out_channels),
+                "latent_channels": vae_cfg.latent_channels, "scaling_factor": vae_cfg.scaling_factor,
+                "shift_factor": vae_cfg.shift_factor, "dtype": vae_cfg.dtype},
+    }
+
+
+def encode(config: Any, out: str, splits: list[str] | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """Encode `config.latent.source` into `out` (this process's shards); returns the metadata.
+
+    Safe to rerun after a kill: finished shards are kept, the others are (re)encoded.
+    """
+    import jax
+
+    from biflow_jax import latent_space
+    from biflow_jax.interop.vae_weights import load_vae
+
+    latent = config.latent
+    vae_path = latent_space.check_vae_path(latent)  # before anything is written
+    dtype = latent.get("store_dtype", "float16")
+    if dtype not in STORE_DTYPES:
+        raise DataError(f"latent.store_dtype={dtype!r} must be one of {STORE_DTYPES}")
+    source = latent.source
+    splits = splits or [s for s in (source.train_split, source.test_split) if s]
+    vae_cfg, params = load_vae(vae_path, dtype=latent.get("vae_dtype", "float32"))
+    if source.image_size % vae_cfg.downsample_factor:
+        raise DataError(f"latent.source.image_size={source.image_size} is not a multiple of the VAE's "
+                        f"downsampling factor {vae_cfg.downsample_factor}")
+    meta = plan(config, vae_cfg, splits)
+    os.makedirs(out, exist_ok=True)
+    meta_path = os.path.join(out, META_FILE)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old != meta:
+            diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+            raise DataError(f"{out!r} holds latents of another source, VAE or layout (differs in {diff}); "
+                            "use another --out or delete it")
+    else:
+        _write_json(meta_path, meta)
+
+    params = jax.device_put(params)
+    encoder = make_encoder(vae_cfg)
+    batch = int(latent.get("encode_batch", 64))
+    process, processes = jax.process_index(), jax.process_count()
+    todo = []
+    for split in splits:
+        info = meta["splits"][split]
+        for i in range(process, info["num_shards"], processes):
+            path = os.path.join(out, shard_name(split, i, info["num_shards"]))
+            if not os.path.exists(path):
+                todo.append((split, i, path))
+    total = sum(min(meta["shard_size"], meta["splits"][s]["num_examples"] - i * meta["shard_size"])
+                for s, i, _ in todo)
+    show = sys.stderr.isatty() if progress is None else progress
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc="encoding latents", unit="img", disable=not show) as bar:
+        for split, i, path in todo:
+            reader = ImageSource(source, split)
+            start = i * meta["shard_size"]
+            end = min(start + meta["shard_size"], reader.count)
+            mean, std, labels = _encode_range(encoder, params, reader.read(start, end), batch, dtype, bar)
+            _write_shard(path, mean, std, labels)
+    return meta
+
+
+# ---------------------------------------------------------------------------
+# Reading back (the input pipeline's `data.name == 'latents'`).
+
+def read_meta(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder or "", META_FILE)
+    if not folder or not os.path.isfile(path):
+        raise DataError(f"data.folder={folder!r} holds no {META_FILE}: encode the images first with "
+                        "`python -m biflow_jax.data.latents --config=... --out=DIR` and set data.folder=DIR")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{path!r} is not a {FORMAT!r} file")
+    return meta
+
+
+def shard_paths(folder: str, meta: dict, split: str) -> list[str]:
+    """The split's shard files in order; DataError if the split is unknown or not completely encoded."""
+    if split not in meta["splits"]:
+        raise DataError(f"split {split!r} is not in the latents of {folder!r} (has {sorted(meta['splits'])})")
+    count = meta["splits"][split]["num_shards"]
+    paths = [os.path.join(folder, shard_name(split, i, count)) for i in range(count)]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise DataError(f"the latents in {folder!r} are incomplete: {len(missing)} of {count} {split!r} shards "
+                        "missing; rerun `python -m biflow_jax.data.latents` to finish them")
+    return paths
+
+
+def dataset_info(data_cfg: Any) -> dict[str, Any]:
+    meta = read_meta(data_cfg.folder)
+    for split in meta["splits"]:
+        shard_paths(data_cfg.folder, meta, split)
+    return {"num_examples": {s: v["num_examples"] for s, v in meta["splits"].items()}}
+
+
+def source(data_cfg: Any, split: str, process_index: int | None = None, process_count: int | None = None):
+    """This process's contiguous share of `split` (whole shares, remainder dropped), in the stored order,
+    as tf.data ({'mean', 'std': float32 (2, h, w, c)}, int32 label) pairs with a known cardinality."""
+    import jax
+    import tensorflow as tf
+
+    meta = read_meta(data_cfg.folder)
+    paths = shard_paths(data_cfg.folder, meta, split)
+    shape, dtype = list(meta["latent_shape"]), tf.as_dtype(meta["dtype"])
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    per = meta["splits"][split]["num_examples"] // count
+    start, size = index * per, meta["shard_size"]
+    first, last = start // size, max(start, start + per - 1) // size
+    ds = tf.data.TFRecordDataset(paths[first:last + 1]).skip(start - first * size).take(per)
+    spec = {"mean": tf.io.FixedLenFeature([], tf.string), "std": tf.io.FixedLenFeature([], tf.string),
+            "label": tf.io.FixedLenFeature([], tf.int64)}
+
+    def parse(record):
+        ex = tf.io.parse_single_example(record, spec)
+        views = {k: tf.cast(tf.reshape(tf.io.decode_raw(ex[k], dtype), [2] + shape), tf.float32)
+                 for k in ("mean", "std")}
+        return views, tf.cast(ex["label"], tf.int32)
+
+    return ds.map(parse).apply(tf.data.experimental.assert_cardinality(per))
+
+
+def example(views: Any, label: Any, flip: Any) -> dict[str, Any]:
+    """One training/eval example from a record: the flipped view when `flip`; `image` holds the posterior mean."""
+    import tensorflow as tf
+
+    view = tf.cast(flip, tf.int32)
+    return {"image": views["mean"][view], STD_KEY: views["std"][view], "label": label}
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+
+def main(argv: list[str]) -> None:
+    from absl import flags, logging
+
+    from biflow_jax import config_files, distributed
+    from biflow_jax.console import say
+
+    del argv
+    logging.set_verbosity(logging.WARNING)  # TFDS and JAX are chatty at INFO
+    FLAGS = flags.FLAGS
+    config = config_files.apply_overrides(config_files.load(FLAGS.config), _OVERRIDES)
+    out = FLAGS.out or config.data.get("folder", "")
+    if not out:
+        raise DataError("--out is required (or set data.folder): the directory the latents are written to")
+    splits = FLAGS.splits or None
+    distributed.initialize()
+    meta = encode(config, out, splits)
+    counts = ", ".join(f"{s} {v['num_examples']:,} examples in {v['num_shards']} shards"
+                       for s, v in meta["splits"].items())
+    say(f"latents {meta['latent_shape']} ({meta['dtype']}, image + flip) in {out}: {counts}")
+
+
+_OVERRIDES: list[str] = []
+
+
+def run() -> None:
+    """Entry point: expected errors print one line and exit 2, as in biflow_jax.main."""
+    global _OVERRIDES
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from absl import app, flags
+
+    from biflow_jax import config_files
+    from biflow_jax.errors import EXPECTED_ERRORS
+
+    flags.DEFINE_string("config", None, "Config file with a `latent` section (e.g. configs/imagenet256_latent.py:b2).")
+    flags.DEFINE_string("out", None, "Output directory (default: the config's data.folder).")
+    flags.DEFINE_list("splits", None, "Splits to encode (default: latent.source's train and test splits).")
+    flags.mark_flag_as_required("config")
+    try:
+        argv, _OVERRIDES = config_files.split_overrides(sys.argv)
+        app.run(main, argv=argv)
+    except EXPECTED_ERRORS as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()
