@@ -6,8 +6,13 @@ sys.path for all of them (helper modules: torch_reference, multidevice_steps, ..
 
 import os
 import sys
+import types
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# torchvision's compiled detection operators do not load beside the CPU build of torch this
+# project pins, and transformers/diffusers import torchvision whenever it is installed; the
+# reference models need only its Python layers (see torch_reference.py).
+sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
