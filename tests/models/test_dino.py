@@ -366,3 +366,22 @@ def test_preprocess_resize_is_bicubic():
     lo = (0.0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
     hi = (1.0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
     assert out.min() < lo - 0.05 and out.max() > hi + 0.05
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+@pytest.mark.parametrize("size_in", [(20, 30), (300, 260)])
+def test_preprocess_resize_matches_torch_bicubic(size_in, antialias):
+    """Up- and downscaling to 56 px equal torch's F.interpolate(bicubic) with the same antialias:
+    False is REPA-style encoder preprocessing, True the PIL-style resize of transformers' processor."""
+    rng = np.random.default_rng(3)
+    images = rng.uniform(-1, 1, (2, *size_in, 3)).astype(np.float32)
+    out = np.asarray(preprocess_for_dino(jnp.asarray(images), resolution=56, antialias=antialias))
+    normalised = ((images + 1) / 2 - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+
+    def torch_resize(aa: bool) -> np.ndarray:
+        x = torch.from_numpy(normalised.transpose(0, 3, 1, 2))
+        y = torch.nn.functional.interpolate(x, size=(56, 56), mode="bicubic", antialias=aa, align_corners=False)
+        return y.numpy().transpose(0, 2, 3, 1)
+
+    np.testing.assert_allclose(out, torch_resize(antialias), atol=2e-5, rtol=0)
+    assert np.abs(torch_resize(not antialias) - out).max() > 0.05  # the two conventions differ; the test can tell
