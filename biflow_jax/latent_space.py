@@ -78,6 +78,10 @@ def validate(config: Any) -> None:
     require(config.train.noise == "gaussian", f"train.noise={config.train.noise!r}: latent runs add Gaussian noise "
             "(train.noise='gaussian', noise_std 0.2 for R-REPA, 0.3 for STARFlow)")
     require(latent.scale > 0, f"latent.scale={latent.scale} must be positive")
+    require("bpd" not in config.get("evals", {}), "evals.bpd measures 8-bit pixels; a latent run has no such "
+            "figure (drop it: --config.evals is a section of evaluators by name)")
+    require("digits_quality" not in config.biflow.get("evals", {}),
+            "biflow.evals.digits_quality scores 8x8 digits, not latent runs")
     levels = len(raw.get("block_out_channels", (64,)))
     factor = 2 ** (levels - 1)
     require(latent.source.image_size == data.image_size * factor,
@@ -109,9 +113,16 @@ def noised_latents(keys: Array, batch: dict, noise_std: float, latent: Any) -> A
     return z + noise_std * noise
 
 
-def mean_latents(batch: dict, latent: Any) -> Array:
-    """The scaled posterior means (deterministic: evaluation and alignment targets)."""
-    return (batch["image"].astype(jnp.float32) - float(latent.shift)) * float(latent.scale)
+def mean_latents(mean: Array, latent: Any) -> Array:
+    """Scaled posterior means (a latent batch's `image`): deterministic evaluation and alignment targets."""
+    return (mean.astype(jnp.float32) - float(latent.shift)) * float(latent.scale)
+
+
+def noised_mean_latents(keys: Array, mean: Array, noise_std: float, latent: Any) -> tuple[Array, Array]:
+    """(x~, clean): scaled posterior means and the same plus the flow's noise (evaluation inputs)."""
+    clean = mean_latents(mean, latent)
+    noise = jax.vmap(lambda k: jax.random.normal(k, clean.shape[1:], jnp.float32))(keys)
+    return clean + noise_std * noise, clean
 
 
 # ---------------------------------------------------------------------------
@@ -175,3 +186,14 @@ def load_decoder(config: Any) -> LatentDecoder | None:
     params = jax.tree_util.tree_map(jnp.asarray, params)
     return LatentDecoder(AutoencoderKL(cfg), params, float(latent.scale), float(latent.shift),
                          int(latent.get("decode_batch", 64)))
+
+
+def token_image_fn(decoder: LatentDecoder, patch_size: int, size: int, channels: int):
+    """fn(tokens, frozen) -> decoded images in [-1, 1]: G's final latent tokens through the VAE whose
+    params travel in frozen['vae'] (the `image_fn` of BiFlow's perceptual terms in latent space)."""
+    from biflow_jax.models.tarflow import unpatchify
+
+    def fn(tokens: Array, frozen: Any) -> Array:
+        return decoder.decode(frozen["vae"], unpatchify(tokens, patch_size, size, size, channels))
+
+    return fn

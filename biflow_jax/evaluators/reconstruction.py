@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from biflow_jax import likelihood, sharding
+from biflow_jax import latent_space, likelihood, sharding
 from biflow_jax.evaluators.common import masked_mean
 from biflow_jax.models.tarflow import patchify
 
@@ -35,15 +35,21 @@ class Reconstruction:
     def __init__(self, config: Any, flow_run: Any, reverse: Any, mesh: Mesh, every: int):
         self.every, self.config, self.mesh, self.flow_params = every, config, mesh, flow_run.params
         flow, noise = flow_run.model, flow_run.config.train
+        latent = config.latent if latent_space.enabled(config) else None
 
         @jax.jit
         def mse(params, flow_params, images, labels, offset):
             index = offset + jnp.arange(images.shape[0])
-            x = noised_inputs(images, index, noise.noise, noise.noise_std, config.biflow.train.seed)
+            if latent is None:
+                x = noised_inputs(images, index, noise.noise, noise.noise_std, config.biflow.train.seed)
+                clean = patchify(likelihood.to_unit_range(images), flow.patch_size)
+            else:  # latents: the posterior means, noised as in training
+                keys = sharding.example_keys(jax.random.key(config.biflow.train.seed + EVAL_SEED_OFFSET), index)
+                x, clean_x = latent_space.noised_mean_latents(keys, images, noise.noise_std, latent)
+                clean = patchify(clean_x, flow.patch_size)
             y = labels if flow.num_classes else None
             z = flow.apply(flow_params, x, y).z
             out = reverse.apply(params, z, y, None).image_tokens
-            clean = patchify(likelihood.to_unit_range(images), flow.patch_size)
             return jnp.mean(jnp.square(out - clean), axis=(1, 2))
 
         self.mse = mse

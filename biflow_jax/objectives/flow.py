@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from biflow_jax import likelihood
+from biflow_jax import latent_space, likelihood
 from biflow_jax.config_checks import validate_flow_stage
 from biflow_jax.models import registry
 from biflow_jax.models.tarflow import TARFlow
@@ -25,14 +25,21 @@ SAME_RUN_KEYS = ("model", "data.name")
 
 def validate(config: ml_collections.ConfigDict) -> None:
     validate_flow_stage(config)
+    latent_space.validate(config)
 
 
-def flow_inputs(train: ml_collections.ConfigDict, num_classes: int, batch: dict, keys: jax.Array):
+def flow_inputs(train: ml_collections.ConfigDict, num_classes: int, batch: dict, keys: jax.Array,
+                latent: ml_collections.ConfigDict | None = None):
     """(x~, y): noised/dequantised images and labels with dropout; keys (N, 2) per example.
 
-    `train` is the section holding noise, noise_std and label_drop (stage 1's `train`).
+    `train` is the section holding noise, noise_std and label_drop (stage 1's `train`). A batch
+    of VAE posteriors (data.name='latents') gives noised latent samples, scaled by `latent`.
     """
-    x = jax.vmap(lambda k, im: likelihood.augment(k, im, train.noise, train.noise_std))(keys[:, 0], batch["image"])
+    if latent_space.is_latent_batch(batch):
+        x = latent_space.noised_latents(keys[:, 0], batch, train.noise_std, latent)
+    else:
+        x = jax.vmap(lambda k, im: likelihood.augment(k, im, train.noise, train.noise_std))(keys[:, 0],
+                                                                                          batch["image"])
     y = None
     if num_classes:
         drop = jax.vmap(lambda k: jax.random.uniform(k) < train.label_drop)(keys[:, 1])
@@ -50,7 +57,7 @@ def make(config: ml_collections.ConfigDict, model: TARFlow | None = None) -> Obj
 
     def loss_fn(params, batch, rng, index):
         keys = jax.vmap(lambda k: jax.random.split(k, 2))(example_keys(rng, index))
-        x, y = flow_inputs(config.train, model.num_classes, batch, keys)
+        x, y = flow_inputs(config.train, model.num_classes, batch, keys, config.get("latent"))
         out = model.apply(params, x, y)
         loss = likelihood.nll_loss(out.z, out.logdets)
         return loss, {"loss": loss, "logdet": jnp.mean(jnp.sum(out.logdets, -1)),

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from biflow_jax import likelihood
+from biflow_jax import latent_space, likelihood
 from biflow_jax.config_checks import validate_flow_stage
 from biflow_jax.errors import ConfigError, require
 from biflow_jax.models import registry
@@ -118,7 +118,8 @@ def validate_align(config: ml_collections.ConfigDict) -> None:
             f"align.encoder={a.encoder!r} must be one of {DINO_SIZES + (TINY_ENCODER,)}")
     require(a.dtype in ("float32", "bfloat16"), f"align.dtype={a.dtype!r} must be 'float32' or 'bfloat16'")
     require(a.resolution >= 14, f"align.resolution={a.resolution} is smaller than one 14-pixel DINO patch")
-    require(m.in_channels in (1, 3), f"alignment needs 1- or 3-channel images, model.in_channels={m.in_channels}")
+    require(m.in_channels in (1, 3) or latent_space.enabled(config),
+            f"alignment needs 1- or 3-channel images (or latents, latent.enabled), model.in_channels={m.in_channels}")
     require(not (a.encoder == TINY_ENCODER and not a.random_init),
             "align.encoder='tiny' exists only with align.random_init=True")
 
@@ -380,6 +381,7 @@ def alignment_loss(projector: Projector, projector_params: dict, hiddens: dict[L
 def validate(config: ml_collections.ConfigDict) -> None:
     """Config checks, and the DINOv2 weights exist: a missing file stops the run before it writes."""
     validate_flow_stage(config)
+    latent_space.validate(config)
     validate_align(config)
     align = config.align
     if not align.weights and not align.random_init:
@@ -406,6 +408,8 @@ def make(config: ml_collections.ConfigDict, model: TARFlow | None = None,
     locations = parse_locations(align.locations)
     projector = Projector(int(align.projector_hidden), width)
     mode, passes, weight = align.mode, int(align.reverse_passes), float(align.weight)
+    decoder = latent_space.load_decoder(config)
+    frozen = {"teacher": teacher.params} if decoder is None else {"teacher": teacher.params, "vae": decoder.params}
 
     def init(rng):
         flow_rng, proj_rng = jax.random.split(rng)
@@ -417,16 +421,19 @@ def make(config: ml_collections.ConfigDict, model: TARFlow | None = None,
 
     def loss_fn(params, batch, rng, index, frozen):
         keys = jax.vmap(lambda k: jax.random.split(k, 2))(example_keys(rng, index))
-        x, y = flow_inputs(config.train, model.num_classes, batch, keys)
+        x, y = flow_inputs(config.train, model.num_classes, batch, keys, config.get("latent"))
         z, logdets, records = forward_pass(model, params["flow"], x, y)
         nll = likelihood.nll_loss(z, logdets)
         hiddens = alignment_hiddens(model, params["flow"], z, records, y, locations, mode, passes)
-        target = teacher.apply(frozen["teacher"], batch["image"])
+        images = batch["image"]
+        if decoder is not None:  # latents: DINO sees the decoded posterior mean (the clean image)
+            images = decoder.decode_uint8(frozen["vae"], latent_space.mean_latents(batch["image"], config.latent))
+        target = teacher.apply(frozen["teacher"], images)
         align_loss = alignment_loss(projector, params["projectors"], hiddens, target, grid)
         loss = nll + weight * align_loss
         return loss, {"loss": loss, "nll": nll, "align": align_loss,
                       "logdet": jnp.mean(jnp.sum(logdets, -1)), "z_sq": jnp.mean(jnp.square(z))}
 
     return Objective(name="rrepa", init=init, loss=loss_fn, flow_params=lambda params: params["flow"],
-                     frozen={"teacher": teacher.params}, same_run_keys=("model", "data.name", "align"))
+                     frozen=frozen, same_run_keys=("model", "data.name", "align"))
 
