@@ -8,7 +8,8 @@ An experiment file calls `base()` and overrides what differs. Sections:
   train     stage 1's loop: batch, steps, noise, EMA, logging/eval/checkpoint cadence
   optim     stage 1's AdamW and schedule
   align     R-REPA (arXiv:2604.01413), off unless enabled
-  evals     stage 1's evaluators, by name -> {every: steps (0 = at the end only), ...}
+  evals     stage 1's evaluators, by name -> {every: steps (0 = at the end only), ...}; `fid`
+            (every -1: not in training) also holds `--mode=eval`'s FID-50K settings
   biflow    stage 2 (BiFlow, arXiv:2512.10953): flow_init, G's `model` (a variant string +
             overrides), the objective, and its own train / optim / evals sections
   sample    exact-inverse sampling settings (guidance, solver, denoising)
@@ -81,13 +82,30 @@ def reverse_model(variant: str = "B/2", **overrides) -> ml_collections.ConfigDic
     return ml_collections.ConfigDict(fields)
 
 
+def fid(**overrides) -> ml_collections.ConfigDict:
+    """FID-50K settings, in `evals.fid` (exact inverse) and `biflow.evals.fid` (BiFlow's 1-NFE G).
+
+    Read by the `fid` evaluator during training (`every` steps; 0 = at the end; -1 = never) on
+    `train_samples` samples, and by `--mode=eval` on `num_samples`. reference: an ADM-format
+    reference batch .npz (`reference_name`: the published file the config expects, named when
+    it is missing; make others with `python -m biflow_jax.evaluators.ref_stats`). inception:
+    pytorch-fid's pt_inception-2015-12-05-6726825d.pth; `random_inception` is for tests and the
+    digits only. guidance None: sample.guidance (exact) or biflow.guidance (BiFlow, if CFG-trained).
+    """
+    fields = dict(every=-1, train_samples=5000, num_samples=50_000, reference="", reference_name="", inception="",
+                  random_inception=False, convention="adm", inception_size=299, batch_size=256, chunk_size=5000,
+                  guidance=placeholder(float), cfg_scale=0.0, seed=0, precision_recall=True, is_split_size=5000)
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
 def biflow(**overrides) -> ml_collections.ConfigDict:
     """Stage 2. flow_init: the stage-1 workdir G inverts ('' in the two-stage job: WORKDIR/forward)."""
     c = ml_collections.ConfigDict(dict(
         flow_init="", model=reverse_model("tiny"), objective="hidden_alignment", adaptive=True, adaptive_p=1.0,
         adaptive_c=0.01, cfg_training=True, w_min=0.0, w_max=3.0, guidance=1.0, label_drop=0.1,
         train=loop(steps=1500), optim=optim(lr=1e-3),
-        evals=dict(reconstruction=dict(every=1000))))
+        evals=dict(reconstruction=dict(every=1000), fid=fid())))
     for key, value in overrides.items():  # whole sections are replaced, not merged
         c[key] = value
     return c
@@ -110,7 +128,7 @@ def base() -> ml_collections.ConfigDict:
     c.optim = optim()
     c.parallel = ml_collections.ConfigDict(dict(backend="jit", fsdp=False))
     c.align = align()
-    c.evals = ml_collections.ConfigDict(dict(bpd=dict(every=1000)))
+    c.evals = ml_collections.ConfigDict(dict(bpd=dict(every=1000), fid=fid()))
     c.biflow = biflow()
     c.sample = sample()
     return c

@@ -25,7 +25,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.stage = "both"
     # G: 5 stages (one per forward block + denoising), 2 layers each, width 64.
     c.biflow.model = common.reverse_model("tiny", depth=10, width=64, heads=2)
-    c.biflow.evals = ml_collections.ConfigDict(dict(reconstruction=dict(every=1000)))
+    # digits_quality (every=0: at the end of stage 2) prints the digits classifier's figures; fid is
+    # --mode=eval's (every=-1), with --random_inception on the digits (no FID weights here).
+    c.biflow.evals = ml_collections.ConfigDict(dict(reconstruction=dict(every=1000), digits_quality=dict(every=0),
+                                                    fid=common.fid()))
     if variant == "quick":
         c.train.update(steps=300, log_every=50, eval_every=300, checkpoint_every=100)
         c.optim.update(lr=3e-3, warmup_steps=20)

@@ -26,12 +26,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                 noise_std=0.05, ema_decay=0.9999, eval_every=10 * STEPS_PER_EPOCH,
                                 checkpoint_every=5000, keep_checkpoints=3)
     c.optim = common.optim(lr=1e-4, init_lr=1e-6, end_lr=1e-6, warmup_steps=STEPS_PER_EPOCH, grad_clip=0.0)
-    c.evals = ml_collections.ConfigDict(dict(bpd=dict(every=10 * STEPS_PER_EPOCH)))
+    # FID-50K as the papers report it (--mode=eval; every=-1: not during training) against ADM's reference
+    # batch; the run stops at eval start naming the file until evals.fid.reference / --ref points at it.
+    fid = dict(reference_name="VIRTUAL_imagenet64_labeled.npz", num_samples=50_000)
+    c.evals = ml_collections.ConfigDict(dict(bpd=dict(every=10 * STEPS_PER_EPOCH), fid=common.fid(guidance=1.7, **fid)))
     c.biflow = common.biflow(
         model=common.reverse_model("B/2", dtype="bfloat16"),
         train=common.loop(batch_size=256, eval_batch_size=256, steps=160 * STEPS_PER_EPOCH, ema_decay=0.9999,
                           eval_every=10 * STEPS_PER_EPOCH, checkpoint_every=5000, keep_checkpoints=3),
         optim=common.optim(lr=1e-4, init_lr=1e-6, end_lr=1e-6, warmup_steps=STEPS_PER_EPOCH, grad_clip=0.0),
-        evals=dict(reconstruction=dict(every=10 * STEPS_PER_EPOCH)))
+        evals=dict(reconstruction=dict(every=10 * STEPS_PER_EPOCH), fid=common.fid(**fid)))
     c.sample = common.sample(num_images=50_000, batch_size=256, guidance=1.7, denoise=True)
     return c

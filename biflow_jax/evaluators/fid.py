@@ -81,6 +81,31 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
+def frechet_distance_to_statistics(features: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """The Frechet distance of a feature set's Gaussian to (mu2, sigma2), exact for any sample count.
+
+    With n samples in D >= n dimensions the sample covariance is S1 = Xc^T Xc (Xc the centred
+    rows over sqrt(n - 1)), and the non-zero eigenvalues of S1 S2 are those of the n x n
+    matrix Xc S2 Xc^T (AB and BA share them), which is symmetric PSD: Tr (S1 S2)^(1/2) comes from
+    its eigenvalues, with no D x D ``sqrtm`` of a singular product (minutes for D = 2048 on a
+    small CPU, and ill-conditioned). With n > D this is ``frechet_distance`` of the statistics.
+    """
+    x = np.asarray(features, np.float64)
+    n, d = x.shape
+    if n - 1 >= d:
+        return frechet_distance(*feature_statistics(x), mu2, sigma2)
+    if n < 2:
+        raise ValueError(f"need (N >= 2, D) features, got shape {x.shape}")
+    mu1 = x.mean(axis=0)
+    centred = (x - mu1) / np.sqrt(n - 1)
+    sigma2 = np.asarray(sigma2, np.float64)
+    gram = centred @ sigma2 @ centred.T
+    eig = np.linalg.eigvalsh((gram + gram.T) / 2)
+    diff = mu1 - np.asarray(mu2, np.float64)
+    trace_sqrt = np.sqrt(np.clip(eig, 0.0, None)).sum()
+    return float(diff @ diff + np.sum(centred * centred) + np.trace(sigma2) - 2.0 * trace_sqrt)
+
+
 def inception_score(logits: np.ndarray, split_size: int = 5000, num_splits: int | None = None) -> float:
     """Mean over splits of exp(mean_x KL(p(y|x) || p_split(y))) (Salimans et al. 2016, arXiv:1606.03498).
 
@@ -196,10 +221,14 @@ def read_reference_batch(path: Path | str, load_images: bool = True) -> Referenc
 
 
 def write_reference_batch(path: Path | str, mu: np.ndarray, sigma: np.ndarray, mu_s: np.ndarray,
-                          sigma_s: np.ndarray, images: np.ndarray | None = None) -> None:
-    """Write the ADM reference format; ``images`` (uint8 NHWC) goes to ``arr_0`` when given."""
+                          sigma_s: np.ndarray, images: np.ndarray | None = None,
+                          extra: Mapping[str, np.ndarray] | None = None) -> None:
+    """Write the ADM reference format; ``images`` (uint8 NHWC) goes to ``arr_0`` when given.
+
+    ``extra`` arrays are stored under their own keys (ADM's evaluator reads only its own).
+    """
     arrays: dict[str, np.ndarray] = {"mu": np.asarray(mu), "sigma": np.asarray(sigma), "mu_s": np.asarray(mu_s),
-                                     "sigma_s": np.asarray(sigma_s)}
+                                     "sigma_s": np.asarray(sigma_s), **(extra or {})}
     if images is not None:
         arrays = {"arr_0": np.asarray(images), **arrays}
     with open(path, "wb") as f:  # a file object keeps np.savez from appending ".npz"
@@ -224,9 +253,8 @@ def score(sample_features: Any, reference: ReferenceBatch, *, split_size: int = 
                          "Inception pool features of reference.images, or pass with_precision_recall=False")
     pool = _field(sample_features, "pool")
     result = {
-        "fid": frechet_distance(*feature_statistics(pool), reference.mu, reference.sigma),
-        "sfid": frechet_distance(*feature_statistics(_field(sample_features, "spatial")),
-                                 reference.mu_s, reference.sigma_s),
+        "fid": frechet_distance_to_statistics(pool, reference.mu, reference.sigma),
+        "sfid": frechet_distance_to_statistics(_field(sample_features, "spatial"), reference.mu_s, reference.sigma_s),
         "inception_score": inception_score(_field(sample_features, "is_logits"), split_size),
         "precision": float("nan"),
         "recall": float("nan"),
