@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
+
+from biflow_jax.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
 ITEMS = ("params", "ema_params", "opt_state", "meta")
@@ -55,7 +61,8 @@ def section_differences(saved: Any, current: Any, prefix: str) -> list[str]:
     return diffs
 
 
-def manager(workdir: str, keep: int = 2, async_save: bool = True) -> ocp.CheckpointManager:
+def manager(workdir: str, keep: int | None = 2, async_save: bool = True) -> ocp.CheckpointManager:
+    """keep=None: Orbax deletes nothing (the training loop prunes once a newer step is verified)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
@@ -70,6 +77,21 @@ def save(mngr: ocp.CheckpointManager, step: int, params: Any, ema_params: Any, o
         opt_state=ocp.args.StandardSave(opt_state), meta=ocp.args.JsonSave(meta)))
 
 
+def save_and_wait(mngr: ocp.CheckpointManager, step: int, params: Any, ema_params: Any, opt_state: Any,
+                  data_position: int, last_good: int | None) -> None:
+    """`save`, finished before returning: a failed save (e.g. a full disk) stops the run at that step with
+    CheckpointError naming the cause and `last_good`, the newest intact step (Orbax writes asynchronously
+    and would report it only at the next save)."""
+    quiet_background_errors()
+    try:
+        save(mngr, step, params, ema_params, opt_state, data_position)
+        mngr.wait_until_finished()
+    except Exception as err:  # noqa: BLE001  Orbax re-raises the writer thread's error, whatever it was
+        good = "no earlier checkpoint" if last_good is None else f"the last good checkpoint is step {last_good}"
+        raise CheckpointError(f"saving checkpoint step {step} in {mngr.directory} failed ({reason(err)}); "
+                              f"stopping ({good})") from None
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, params: Any, ema_params: Any, opt_state: Any):
     """Restore into the structure, shapes and shardings of the given (abstract) trees."""
     abstract = lambda tree: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
@@ -79,6 +101,79 @@ def restore(mngr: ocp.CheckpointManager, step: int, params: Any, ema_params: Any
         opt_state=ocp.args.StandardRestore(abstract(opt_state)),
         meta=ocp.args.JsonRestore()))
     return out.params, out.ema_params, out.opt_state, out.meta
+
+
+def reason(err: BaseException) -> str:
+    """The most specific message of an exception chain, on one line (Orbax wraps TensorStore's, which
+    names the file; the outer ones print whole TensorStore specs)."""
+    messages, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.strerror:
+            messages.append(f"{err.strerror}" + (f": {err.filename}" if err.filename else ""))
+        elif str(err).strip():
+            messages.append(str(err).strip())
+        err = err.__cause__ or err.__context__
+    text = " ".join(messages[-1].split()) if messages else "unknown error"
+    return text if len(text) <= 400 else text[:400] + "..."
+
+
+def restore_newest_readable(mngr: ocp.CheckpointManager, read: Callable[[int], Any], where: str,
+                            on_damaged: str = "fallback", then: str = "") -> tuple[int, Any]:
+    """(step, read(step)) for the newest step that reads, newest first. A step that fails is named in one
+    warning line with its cause and the next older step is tried; on_damaged='stop' raises CheckpointError
+    instead. FileNotFoundError when there is no checkpoint at all."""
+    quiet_background_errors()
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"{where} has no checkpoint yet")
+    damaged = []
+    for i, step in enumerate(steps):
+        try:
+            return step, read(step)
+        except Exception as err:  # noqa: BLE001  a damaged step raises whatever Orbax/TensorStore/json raise
+            why = reason(err)
+            damaged.append(step)
+            if on_damaged == "stop":
+                raise CheckpointError(f"checkpoint step {step} of {where} is damaged ({why}); delete "
+                                      f"{os.path.join(mngr.directory, str(step))} or set on_damaged_checkpoint="
+                                      "'fallback' to use an older step") from None
+            if i + 1 < len(steps):
+                logging.warning("checkpoint step %d of %s is damaged (%s); falling back to step %d%s", step, where,
+                                why, steps[i + 1], then)
+    raise CheckpointError(f"every checkpoint of {where} is damaged (steps {damaged}); newest: step {steps[0]}")
+
+
+_quieted = False
+
+
+def quiet_background_errors() -> None:
+    """Orbax's writer and reader threads print every failure of a save or restore as tracebacks (its
+    error log, and 'Event loop is closed' from callbacks that outlive the failed operation) before the
+    caller sees it; this module reports those failures itself, in one line, so drop exactly those."""
+    global _quieted
+    if _quieted:
+        return
+    _quieted = True
+    unraisable, thread_hook, except_hook = sys.unraisablehook, threading.excepthook, sys.excepthook
+
+    def orphaned(exc: BaseException | None, obj: Any = None) -> bool:
+        text = f"{exc} {obj!r}"
+        return "Event loop is closed" in text or "reading array index" in text or "_read_array_index" in text
+
+    sys.unraisablehook = lambda u: None if orphaned(u.exc_value, u.object) else unraisable(u)
+    threading.excepthook = lambda a: None if orphaned(a.exc_value) else thread_hook(a)
+    sys.excepthook = lambda t, v, tb: None if orphaned(v) else except_hook(t, v, tb)
+    logging.get_absl_logger().addFilter(  # Orbax's error log of a failed background save or read
+        lambda r: not (f"{os.sep}orbax{os.sep}" in r.pathname and r.levelno >= logging.converter.STANDARD_ERROR))
+
+
+def prune(mngr: ocp.CheckpointManager, keep: int | None, unverified: int | None = None) -> None:
+    """Keep the newest `keep` steps besides `unverified` (None or 0: keep all): a step saved but not yet
+    shown to give a finite loss never counts, so it cannot push out the newest good one."""
+    steps = sorted(s for s in mngr.all_steps() if s != unverified)
+    for step in steps[:-keep] if keep else []:
+        mngr.delete(step)
 
 
 def restore_item(mngr: ocp.CheckpointManager, step: int, item: str) -> Any:

@@ -178,12 +178,13 @@ def load_reverse(workdir: str, ema: bool = True) -> ReverseRun:
 
 
 def restore_latest(workdir: str, ema: bool) -> tuple[int, Any]:
+    """The newest readable step's (EMA) params: a damaged newer step is named in a warning and skipped, and
+    a workdir whose every step is damaged raises CheckpointError ('damaged', never 'missing')."""
     mngr = checkpoint.manager(workdir, async_save=False)
+    item = "ema_params" if ema else "params"
     try:
-        step = mngr.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"workdir {workdir!r} has no checkpoint yet")
-        return step, checkpoint.restore_item(mngr, step, "ema_params" if ema else "params")
+        return checkpoint.restore_newest_readable(mngr, lambda step: checkpoint.restore_item(mngr, step, item),
+                                                  f"workdir {workdir!r}")
     finally:
         mngr.close()
 

@@ -24,10 +24,10 @@ from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from biflow_jax import checkpoint, optim, runs, sharding
+from biflow_jax import checkpoint, optim, runs, sharding, workdir_lock
 from biflow_jax.console import is_main_process, say
 from biflow_jax.data import input_pipeline
-from biflow_jax.errors import TrainingError
+from biflow_jax.errors import TrainingError, require
 from biflow_jax.objectives import Objective
 
 
@@ -132,6 +132,15 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict, keys: Sequen
 
 def run(objective: Objective, evaluators: Sequence[Any], config: ml_collections.ConfigDict, workdir: str,
         stage: str, mesh: Mesh | None = None, flow_workdir: str | None = None) -> dict[str, float]:
+    """`train_locked` as the one writer of `workdir` (WorkdirBusyError while another live run owns it)."""
+    on_damaged = loop_sections(config, stage)[0].get("on_damaged_checkpoint", "fallback")
+    require(on_damaged in ("fallback", "stop"), f"on_damaged_checkpoint={on_damaged!r} must be 'fallback' or 'stop'")
+    with workdir_lock.hold(workdir):
+        return train_locked(objective, evaluators, config, workdir, stage, mesh, flow_workdir)
+
+
+def train_locked(objective: Objective, evaluators: Sequence[Any], config: ml_collections.ConfigDict, workdir: str,
+                 stage: str, mesh: Mesh | None = None, flow_workdir: str | None = None) -> dict[str, float]:
     """Train (or resume) one stage in `workdir`; returns the last evaluation's figures.
 
     evaluators: objects with `.name`, `.every` (steps; 0 = only at the end) and
@@ -141,7 +150,7 @@ def run(objective: Objective, evaluators: Sequence[Any], config: ml_collections.
     mesh = mesh or sharding.make_mesh()
     optimizer = optim.make_optimizer(optim_cfg, train.steps)
 
-    mngr = checkpoint.manager(workdir, keep=train.keep_checkpoints)
+    mngr = checkpoint.manager(workdir, keep=None)  # pruned here, once a newer step's loss is seen finite
     latest = mngr.latest_step()
     if latest is not None:
         check_same_run(workdir, config, objective.same_run_keys)
@@ -151,8 +160,13 @@ def run(objective: Objective, evaluators: Sequence[Any], config: ml_collections.
         state = init_state(objective, optimizer, train.seed, config.parallel, mesh)
     else:  # straight into this run's shardings, whatever the mode and device count of the saving run
         target = abstract_state(objective, optimizer, train.seed, config.parallel, mesh)
-        params, ema, opt_state, meta = checkpoint.restore(mngr, latest, target.params, target.ema_params,
-                                                          target.opt_state)
+        read = functools.partial(checkpoint.restore, mngr, params=target.params, ema_params=target.ema_params,
+                                 opt_state=target.opt_state)
+        latest, (params, ema, opt_state, meta) = checkpoint.restore_newest_readable(
+            mngr, lambda s: read(step=s), f"workdir {workdir!r}", train.get("on_damaged_checkpoint", "fallback"),
+            then="; the damaged step is deleted")
+        for damaged in [s for s in mngr.all_steps() if s > latest]:  # this run saves those steps again
+            mngr.delete(damaged)
         state = TrainState(jnp.asarray(meta["step"], jnp.int32), params, opt_state, ema, jnp.zeros((), jnp.int32))
     start = int(state.step)
 
@@ -181,10 +195,15 @@ def run(objective: Objective, evaluators: Sequence[Any], config: ml_collections.
         return figures
 
     results: dict[str, float] = {}
+    # The loss of the params saved at step s is step s+1's loss: until it is seen finite, s is `unverified`
+    # and the newest verified step is kept whatever keep_checkpoints says (a NaN at s+1 deletes s).
+    verified, unverified = (None if latest is None else start), None
     for step in range(start + 1, train.steps + 1):
         batch = train_step.put_batch(next(batches))
         state, metrics = train_step(state, batch, frozen)
         report(step)
+        if unverified is not None or (step == start + 1 and latest is not None):
+            verified, unverified = verify_saved(mngr, state, step, verified, unverified, train.keep_checkpoints)
         if step % train.log_every == 0 or step == train.steps:
             metrics = jax.device_get(metrics)  # the loop's only host sync, besides eval and saving
             check_finite(state, step)
@@ -192,9 +211,15 @@ def run(objective: Objective, evaluators: Sequence[Any], config: ml_collections.
             say(f"step {step}: loss {metrics['loss']:.4f} grad_norm {metrics['grad_norm']:.3f}")
         results = evaluate(step, final=step == train.steps) or results
         if step % train.checkpoint_every == 0 or step == train.steps:
-            check_finite(state, step)
+            check_finite(state, step, verified)
             saved = train_step.from_backend(state)  # global arrays, whatever the backend
-            checkpoint.save(mngr, step, saved.params, saved.ema_params, saved.opt_state, data_position=step)
+            if not all_finite((saved.params, saved.ema_params)):
+                raise TrainingError(f"the params became NaN/inf at step {step}; stopping without saving "
+                                    f"({last_good_text(verified)}). Lower the learning rate or set grad_clip.")
+            checkpoint.save_and_wait(mngr, step, saved.params, saved.ema_params, saved.opt_state, data_position=step,
+                                     last_good=verified)
+            unverified = step
+            checkpoint.prune(mngr, train.keep_checkpoints, unverified=step)
     mngr.wait_until_finished()
     mngr.close()
     if not results:  # the run was already complete: report its final state
@@ -207,10 +232,43 @@ def count_params(params: Any) -> int:
     return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
 
 
-def check_finite(state: TrainState, step: int) -> None:
+def check_finite(state: TrainState, step: int, verified: int | None = -1) -> None:
     if int(np.max(jax.device_get(state.nonfinite))):  # pmap: one count per device
         raise TrainingError(f"the loss became NaN/inf before step {step}; stopping without saving "
-                            "(the last good checkpoint is kept). Lower the learning rate or set grad_clip.")
+                            f"({last_good_text(verified)}). Lower the learning rate or set grad_clip.")
+
+
+def last_good_text(verified: int | None) -> str:
+    if verified is None:
+        return "no checkpoint was saved"
+    if verified < 0:
+        return "the newest checkpoint is the last good one"
+    return f"the last good checkpoint is step {verified}"
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+
+
+def verify_saved(mngr, state: TrainState, step: int, verified: int | None, unverified: int | None,
+                 keep: int) -> tuple[int | None, int | None]:
+    """(verified, unverified) after seeing step `step`'s loss, the first computed with the params saved (or
+    restored) at step-1: finite, the unverified step becomes the newest verified one and older steps are
+    pruned; not finite, that step is deleted (if this run saved it) and the run stops naming the good one."""
+    if not int(np.max(jax.device_get(state.nonfinite))):
+        if unverified is None:
+            return verified, None
+        checkpoint.prune(mngr, keep)
+        return unverified, None
+    if unverified is None:  # the restored step: saved by an earlier run, not deleted here
+        raise TrainingError(f"checkpoint step {step - 1} gives a non-finite loss at step {step} (the run that "
+                            "saved it diverged); delete that step to resume from an older one")
+    mngr.delete(unverified)
+    raise TrainingError(f"the loss became NaN/inf at step {step}: the params saved at step {unverified} diverged, "
+                        f"so that checkpoint is deleted ({last_good_text(verified)}). Lower the learning rate or "
+                        "set grad_clip.")
 
 
 def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:

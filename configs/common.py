@@ -24,7 +24,8 @@ from ml_collections.config_dict import placeholder
 
 def data(**overrides) -> ml_collections.ConfigDict:
     fields = dict(name="digits", data_dir="", folder="", train_split="train", test_split="test", image_size=8,
-                  channels=1, num_classes=10, random_flip=False, shuffle_buffer=50_000, label_key="label")
+                  channels=1, num_classes=10, random_flip=False, shuffle_buffer=50_000, label_key="label",
+                  skip_unreadable=False)  # folder data: leave out files that do not decode (all decoded at start)
     fields.update(overrides)
     return ml_collections.ConfigDict(fields)
 
@@ -40,7 +41,8 @@ def flow_model(**overrides) -> ml_collections.ConfigDict:
 def loop(**overrides) -> ml_collections.ConfigDict:
     """A stage's training loop. `ema_warmup`: the EMA decay ramps as min(decay, (1+t)/(10+t))."""
     fields = dict(seed=0, batch_size=64, eval_batch_size=300, steps=2000, ema_decay=0.999, ema_warmup=True,
-                  log_every=100, eval_every=1000, checkpoint_every=500, keep_checkpoints=2)
+                  log_every=100, eval_every=1000, checkpoint_every=500, keep_checkpoints=2,
+                  on_damaged_checkpoint="fallback")  # or 'stop': a newest step that does not read stops the run
     fields.update(overrides)
     return ml_collections.ConfigDict(fields)
 

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from biflow_jax import checkpoint, evaluators, objectives, runs, sharding, trainer
+from biflow_jax import checkpoint, evaluators, objectives, runs, sharding, trainer, workdir_lock
 from biflow_jax.console import is_main_process, say
 from biflow_jax.data import input_pipeline
 from biflow_jax.errors import ConfigError, require
@@ -42,6 +42,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Run the config's stages in `workdir`; returns each stage's final figures."""
     validate(config)
     input_pipeline.dataset_info(config.data)  # a missing dataset fails here, before the workdir is touched
+    with workdir_lock.hold(workdir):  # one writer per workdir (each stage's loop also locks its own dir)
+        return train_stages(config, workdir)
+
+
+def train_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if config.stage == "flow":
         return {"flow": train_flow(config, workdir)}
     if config.stage == "biflow":
