@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from biflow_jax import checkpoint, objectives
+from biflow_jax import checkpoint, objectives, workdir_lock
 from biflow_jax.console import is_main_process
 from biflow_jax.models import registry
 from biflow_jax.models.reverse import ReverseViT
@@ -199,9 +199,10 @@ def save_flow(workdir: str, config: ml_collections.ConfigDict, params: Any) -> N
     if os.path.exists(os.path.join(workdir, "checkpoints")):
         raise FileExistsError(f"workdir {workdir!r} already has checkpoints; use an empty workdir")
     opt_state = optim.make_optimizer(config.optim, config.train.steps).init(params)
-    checkpoint.write_config(workdir, config)
-    write_stage_file(workdir, "flow", "flow")
-    mngr = checkpoint.manager(workdir, async_save=False)
-    checkpoint.save(mngr, 0, params, params, opt_state, 0)
-    mngr.wait_until_finished()
-    mngr.close()
+    with workdir_lock.hold(workdir):
+        checkpoint.write_config(workdir, config)
+        write_stage_file(workdir, "flow", "flow")
+        mngr = checkpoint.manager(workdir, async_save=False)
+        checkpoint.save(mngr, 0, params, params, opt_state, 0)
+        mngr.wait_until_finished()
+        mngr.close()
