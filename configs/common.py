@@ -13,6 +13,7 @@ An experiment file calls `base()` and overrides what differs. Sections:
   biflow    stage 2 (BiFlow, arXiv:2512.10953): flow_init, G's `model` (a variant string +
             overrides), the objective, and its own train / optim / evals sections
   sample    exact-inverse sampling settings (guidance, solver, denoising)
+  latent    VAE latent space (data.name='latents'), off unless enabled
   parallel  jit | pmap backend, fsdp
 """
 
@@ -113,6 +114,21 @@ def biflow(**overrides) -> ml_collections.ConfigDict:
     return c
 
 
+def latent(**overrides) -> ml_collections.ConfigDict:
+    """Latent space (the SD VAE of BiFlow arXiv:2512.10953 and R-REPA arXiv:2511.22345), off unless enabled.
+
+    vae_path: a diffusers AutoencoderKL directory (e.g. one saved from stabilityai/sd-vae-ft-ema);
+    scale / shift map its posterior to the flow's input, (z - shift) * scale. `source` is the
+    image dataset `python -m biflow_jax.data.latents` encodes (ADM centre crop to
+    source.image_size, image and flip) into data.folder, with data.name='latents'.
+    """
+    fields = dict(enabled=False, vae_path="", scale=0.18215, shift=0.0, vae_dtype="float32", decode_batch=64,
+                  source=data(name="folder", image_size=256, channels=3, num_classes=1000),
+                  store_dtype="float16", shard_size=10_000, encode_batch=64)
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
 def sample(**overrides) -> ml_collections.ConfigDict:
     fields = dict(num_images=100, batch_size=100, guidance=0.0, guide_what="ab", annealed=False, attn_temp=1.0,
                   rule="cfg", solver="cached", noise_scale=1.0, denoise=False, jacobi_tol=1e-4, jacobi_max_iters=0)
@@ -133,6 +149,7 @@ def base() -> ml_collections.ConfigDict:
     c.evals = ml_collections.ConfigDict(dict(bpd=dict(every=1000), fid=fid()))
     c.biflow = biflow()
     c.sample = sample()
+    c.latent = latent()
     return c
 
 
