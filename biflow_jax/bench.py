@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from biflow_jax import bench_vae
 from biflow_jax.models.reverse import ReverseViT
 from biflow_jax.models.tarflow import TARFlow, count_params
 from biflow_jax.samplers import exact_inverse
@@ -641,6 +642,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "train": Subcommand(add_train_args, bench_train, "R-REPA train step (reverse alignment) vs the NLL step"),
     "versus_torch": Subcommand(add_versus_args, bench_versus_torch,
                                "train step and exact inverse: ours vs ml-tarflow's PyTorch Model (--reference)"),
+    "vae": Subcommand(bench_vae.add_vae_args, bench_vae.bench_vae, "VAE decode ms/image (latent-space sampling)"),
 }
 
 
