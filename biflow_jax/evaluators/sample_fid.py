@@ -111,25 +111,32 @@ def read_meta(path: str) -> dict[str, Any] | None:
         return json.loads(str(data[META_KEY])) if META_KEY in data.files else None
 
 
-def load_reference(settings: dict[str, Any], extractor: InceptionExtractor) -> tuple[fid.ReferenceBatch, bool]:
-    """The reference batch, with the pool features of its images for precision/recall.
+def check_feature_space(settings: dict[str, Any], extractor: InceptionExtractor) -> str:
+    """The reference's path, after checking it holds statistics of the extractor's features.
 
-    Returns (reference, whether precision/recall can be computed). A reference made in
-    another feature space (random vs FID weights, another input size) is refused: the
-    distance between the two would mean nothing.
+    A reference made in another feature space (random vs FID weights, another input size or
+    resize convention) is refused: the distance between the two would mean nothing.
     """
     path = check_reference_path(settings)
     meta = read_meta(path)
-    mine = extractor_meta(extractor)
     if meta is None:  # an ADM file: the FID network at 299 px
         if extractor.random or extractor.size != 299:
             raise ConfigError(f"{path} holds FID Inception statistics at 299 px; scoring with {extractor.describe()} "
                               "cannot be compared with it (make a matching reference with ref_stats)")
-    else:
-        differ = [f"{k} {meta.get(k)!r} vs {v!r}" for k, v in mine.items() if meta.get(k) != v]
-        if differ:
-            raise ConfigError(f"reference {path} was computed with other Inception features than this run's ("
-                              + ", ".join(differ) + "); recompute it with ref_stats")
+        return path
+    differ = [f"{k} {meta.get(k)!r} vs {v!r}" for k, v in extractor_meta(extractor).items() if meta.get(k) != v]
+    if differ:
+        raise ConfigError(f"reference {path} was computed with other Inception features than this run's ("
+                          + ", ".join(differ) + "); recompute it with ref_stats")
+    return path
+
+
+def load_reference(settings: dict[str, Any], extractor: InceptionExtractor) -> tuple[fid.ReferenceBatch, bool]:
+    """The reference batch, with the pool features of its images for precision/recall.
+
+    Returns (reference, whether precision/recall can be computed).
+    """
+    path = check_feature_space(settings, extractor)
     want_pr = bool(settings["precision_recall"])
     reference = fid.read_reference_batch(path, load_images=want_pr)
     if want_pr and reference.images is not None:
@@ -250,6 +257,7 @@ class SampleFID:
         self.every = int(settings["every"])
         check_settings(settings)
         self.extractor = make_extractor(settings, mesh)  # a missing weights file fails before training starts
+        check_feature_space(settings, self.extractor)
         self.reference: tuple[fid.ReferenceBatch, bool] | None = None
 
     def __call__(self, params: Any) -> dict[str, float]:

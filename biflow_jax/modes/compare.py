@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biflow_jax import runs
+from biflow_jax import latent_space, runs
 from biflow_jax.modes.sample import save_grid
 from biflow_jax.samplers import exact_inverse, one_nfe
 
@@ -63,7 +63,9 @@ def compare(reverse_workdir: str, out_dir: str | None = None, per_class: int = 3
     exact, t_exact = timed(exact_fn, z)
     biflow, t_biflow = timed(biflow_fn, z)
     biflow0 = np.asarray(biflow0_fn(z))
-    exact_u8, biflow_u8, biflow0_u8 = (exact_inverse.images_to_uint8(v) for v in (exact, biflow, biflow0))
+    decoder = latent_space.load_decoder(config)  # a latent run's samples are decoded through the frozen VAE
+    to_uint8 = decoder.to_uint8 if decoder is not None else exact_inverse.images_to_uint8
+    exact_u8, biflow_u8, biflow0_u8 = (to_uint8(v) for v in (exact, biflow, biflow0))
 
     shown = np.concatenate([np.arange(c * per_class, c * per_class + min(grid_per_class, per_class))
                             for c in range(k)])

@@ -125,6 +125,8 @@ def generate_samples(out_dir: str, sampler: sample_fid.Sampler, params: Any, set
     done = np.zeros(num_chunks + 1, np.int32)
     if is_main_process():
         os.makedirs(chunk_dir, exist_ok=True)
+        for stale in (f for f in os.listdir(chunk_dir) if ".tmp." in f):  # a killed run's unfinished write
+            os.remove(os.path.join(chunk_dir, stale))
         done[-1] = _chunk_ok(final, n, image_shape)
         for c, (a, b) in enumerate(bounds):
             done[c] = _chunk_ok(paths[c], b - a, image_shape)
@@ -208,6 +210,7 @@ def run_eval(workdir: str, config: Any = None, sampler: str | None = None, ref: 
         kind = choose_sampler(workdir, sampler)
         source, params, settings, image_shape, step = _sample_source(workdir, kind, config, flags)
         extractor = sample_fid.make_extractor(settings, mesh)  # bad weights fail before any sampling
+        sample_fid.check_feature_space(settings, extractor)
         tag = hashlib.sha1(json.dumps([source.description, settings["seed"]]).encode()).hexdigest()[:8]
         name = f"{kind}_step{step}_n{settings['num_samples']}_seed{settings['seed']}_{tag}"
         out_dir = os.path.join(workdir, EVAL_DIR, name)

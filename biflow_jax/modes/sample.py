@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 from tqdm import tqdm
 
-from biflow_jax import runs
+from biflow_jax import latent_space, runs
 from biflow_jax.samplers import exact_inverse
 
 # Defaults for the `sample` config section, used for any field a config lacks.
@@ -134,6 +134,7 @@ def run_sample(workdir: str, sampler: str = "exact", num_images: int | None = No
     if all_labels is not None:
         exact_inverse.check_labels(model, all_labels)
 
+    decoder = latent_space.load_decoder(config)
     devices = jax.local_devices()
     mesh = Mesh(np.array(devices), ("batch",))
     batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
@@ -156,7 +157,8 @@ def run_sample(workdir: str, sampler: str = "exact", num_images: int | None = No
             y = jax.device_put(jnp.asarray(step_labels), batch_sharding)
         images = exact_inverse.generate(model, params, z, y, guidance, solver, sigma,
                                    settings["jacobi_tol"], settings["jacobi_max_iters"])
-        chunks.append(exact_inverse.images_to_uint8(images)[:count])
+        # a latent run's samples are latents: decoded through the frozen VAE
+        chunks.append((decoder.to_uint8(images) if decoder else exact_inverse.images_to_uint8(images))[:count])
     seconds = time.perf_counter() - start
     images = np.concatenate(chunks)
 

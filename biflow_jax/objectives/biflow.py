@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from biflow_jax import likelihood
+from biflow_jax import latent_space, likelihood
 from biflow_jax.checkpoint import section_differences
 from biflow_jax.config_checks import validate_loop, validate_parallel
 from biflow_jax.errors import ConfigError, require
@@ -239,11 +239,15 @@ def make(config: ml_collections.ConfigDict, flow_run: Any) -> Objective:
     noise = ml_collections.ConfigDict(dict(noise=flow_config.train.noise, noise_std=flow_config.train.noise_std,
                                            label_drop=b.label_drop))
 
+    latent = config.get("latent") if latent_space.enabled(config) else None
+
     def loss(params, batch, rng, index, frozen):
         keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(rng, index))
-        x, y = flow_inputs(noise, flow.num_classes, batch, keys[:, :2])
+        x, y = flow_inputs(noise, flow.num_classes, batch, keys[:, :2], latent)
         trajectory = jax.lax.stop_gradient(flow.apply(frozen["flow"], x, y).trajectory)
-        clean = patchify(likelihood.to_unit_range(batch["image"]), flow.patch_size)
+        clean_x = (latent_space.clean_latents(keys[:, 0], batch, latent) if latent is not None
+                   else likelihood.to_unit_range(batch["image"]))  # latents: the sample x~ was noised from
+        clean = patchify(clean_x, flow.patch_size)
 
         def apply(z, labels, w):
             return reverse.apply(params, z, labels, w)
