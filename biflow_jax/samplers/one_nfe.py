@@ -1,7 +1,9 @@
 """Using a trained BiFlow pair (F, G): 1-NFE sampling, noise-space inpainting, class editing.
 
-Inpainting and class editing need no training (PAPERS.md section 3): F maps an image
-to noise, the noise is edited, G maps it back in one pass.
+Inpainting and class editing need no training (BiFlow, arXiv:2512.10953): F maps an
+image to noise, the noise is edited, G maps it back in one pass. An inpainting keeps the
+known pixels: G's output fills only the unknown region (the usual convention), so the
+known region of the result is the input, bit for bit.
 
 `forward_apply(images, y) -> z tokens` and `reverse_apply(z, y) -> image tokens` are
 plain callables with the parameters bound, so these functions work with any
@@ -76,38 +78,57 @@ def token_mask(mask: Array, patch_size: int) -> Array:
 
 @struct.dataclass
 class InpaintResult:
-    """images: G(z'); z_prime: the edited noise tokens; token_mask: (N, T, 1) known tokens."""
+    """images: the known pixels of x_known with G(z') elsewhere; generated: G(z') itself;
+    z_prime: the edited noise tokens; token_mask: (N, T, 1) known tokens."""
 
     images: Array
+    generated: Array
     z_prime: Array
     token_mask: Array
+
+
+def pixel_mask(mask: Array, shape: tuple[int, ...]) -> Array:
+    """An image-space known-mask (N, H, W[, C]) or (H, W) broadcast to image `shape` (N, H, W, C)."""
+    mask = jnp.asarray(mask, bool)
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim == 3:
+        mask = mask[..., None]
+    return jnp.broadcast_to(mask, shape)
 
 
 def inpaint(forward_apply: Callable[[Array, Array | None], Array],
             reverse_apply: Callable[[Array, Array | None], Array],
             x_known: Array, mask: Array, y: Array | None, rng: Array, *, patch_size: int,
-            eps: Array | None = None) -> InpaintResult:
-    """Noise-space inpainting: z' = M * F(x_known) + (1 - M) * eps, images = G(z').
+            eps: Array | None = None, x_encode: Array | None = None) -> InpaintResult:
+    """Noise-space inpainting: z' = M * F(x_encode) + (1 - M) * eps, then the known pixels of
+    x_known pasted over G(z').
 
-    `mask` is 1/True where x_known is known, in image space (converted by
-    `token_mask`). `eps` defaults to N(0, I) from `rng`. The selection is a `where`,
-    so known tokens carry F's noise bit for bit and unknown tokens carry eps exactly.
+    `mask` is 1/True where x_known is known, in image space (converted by `token_mask`
+    for the noise). `eps` defaults to N(0, I) from `rng`. `x_encode` is what F sees
+    (default x_known): give x_known with the flow's training noise, the input G learned
+    to invert. The selections are `where`s, so known tokens carry F's noise bit for bit,
+    unknown tokens carry eps exactly, and known pixels are x_known exactly.
     """
     n, height, width, channels = x_known.shape
-    z_known = forward_apply(x_known, y)
+    z_known = forward_apply(x_known if x_encode is None else x_encode, y)
     if eps is None:
         eps = jax.random.normal(rng, z_known.shape, z_known.dtype)
     known = token_mask(mask, patch_size)
     z_prime = jnp.where(known, z_known, eps)
     tokens = reverse_apply(z_prime, y)
-    images = unpatchify(tokens, patch_size, height, width, channels)
-    return InpaintResult(images=images, z_prime=z_prime, token_mask=jnp.broadcast_to(known, (n,) + known.shape[1:]))
+    generated = unpatchify(tokens, patch_size, height, width, channels)
+    images = jnp.where(pixel_mask(mask, generated.shape), x_known.astype(generated.dtype), generated)
+    return InpaintResult(images=images, generated=generated, z_prime=z_prime,
+                         token_mask=jnp.broadcast_to(known, (n,) + known.shape[1:]))
 
 
 def class_edit(forward_apply: Callable[[Array, Array | None], Array],
                reverse_apply: Callable[[Array, Array | None], Array],
                x: Array, y_source: Array, y_target: Array, *, patch_size: int) -> tuple[Array, Array]:
-    """Class editing: z = F(x | y_source), then G(z | y_target). Returns (images, z)."""
+    """Class editing: z = F(x | y_source), then G(z | y_target). Returns (images, z).
+
+    `x` is what F sees: pass images with the flow's training noise, the input G learned to invert."""
     _, height, width, channels = x.shape
     z = forward_apply(x, y_source)
     tokens = reverse_apply(z, y_target)
