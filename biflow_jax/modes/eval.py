@@ -174,18 +174,16 @@ def _sample_source(workdir: str, kind: str, config: Any, settings_flags: dict[st
     if latent:
         raise ConfigError("--mode=eval scores pixel-space runs; this run is in latent space (config.latent.enabled) "
                           "and its samples would need the VAE decoder first")
+    stage = "biflow" if kind == "biflow" else "flow"
+    config = config if config is not None else runs.read_config(runs.stage_dir(workdir, stage))
+    settings = apply_flags(sample_fid.fid_settings(config, stage), **settings_flags)
+    sample_fid.check_settings(settings)  # a missing reference or weights file stops before the run is loaded
     if kind == "biflow":
         run = runs.load_reverse(workdir)
-        config = config if config is not None else run.config
-        settings = apply_flags(sample_fid.fid_settings(config, "biflow"), **settings_flags)
-        sample_fid.check_settings(settings)
         sampler = sample_fid.biflow_sampler(run.model, run.flow.model, config, settings)
         flow = run.flow.model
     else:
         run = runs.load_flow(workdir)
-        config = config if config is not None else run.config
-        settings = apply_flags(sample_fid.fid_settings(config, "flow"), **settings_flags)
-        sample_fid.check_settings(settings)
         sampler = sample_fid.exact_sampler(run.model, run.config, config, settings)
         flow = run.model
     return sampler, run.params, settings, (flow.img_size, flow.img_size, flow.in_channels), run.step
@@ -226,6 +224,8 @@ def run_eval(workdir: str, config: Any = None, sampler: str | None = None, ref: 
     reference, with_pr = sample_fid.load_reference(settings, extractor)
     features = extractor.of_array(images, desc="Inception (samples)")
     figures = sample_fid.score(features, reference, with_pr, settings)
+    if not with_pr:  # the reference holds no images (arr_0) to compute precision/recall from
+        figures = {k: v for k, v in figures.items() if k not in ("precision", "recall")}
     record.update(name=name, num_samples=int(len(images)), labels=None if labels is None else int(len(labels)),
                   reference=os.path.abspath(settings["reference"]), inception=extractor.describe(),
                   random_inception=extractor.random, figures=figures)

@@ -23,7 +23,7 @@ from conftest import REPO, quick_config
 from biflow_jax import runs
 from biflow_jax.data import input_pipeline
 from biflow_jax.errors import ConfigError
-from biflow_jax.evaluators import ref_stats
+from biflow_jax.evaluators import ref_stats, sample_fid
 from biflow_jax.models import registry
 from biflow_jax.modes import eval as eval_mode
 
@@ -134,6 +134,17 @@ def test_bad_input_fails_before_sampling(setup, tmp_path):
         np.savez(tmp_path / "x.npz", images=np.zeros((2, 8, 8, 1), np.uint8))
         eval_mode.run_eval(str(tmp_path), _config(), ref=ref, samples=str(tmp_path / "x.npz"), random_inception=True)
     assert not glob.glob(os.path.join(workdir, "eval", "*_n8_*"))  # nothing sampled for the refused run
+
+
+def test_paper_config_names_the_adm_reference_file():
+    from configs import imagenet64
+
+    for stage in ("flow", "biflow"):
+        settings = sample_fid.fid_settings(imagenet64.get_config("p2"), stage)
+        assert settings["num_samples"] == 50_000 and settings["every"] == -1
+        with pytest.raises(ConfigError, match="VIRTUAL_imagenet64_labeled.npz"):
+            sample_fid.check_settings(settings)
+    assert sample_fid.fid_settings(imagenet64.get_config("p2"), "flow")["guidance"] == 1.7
 
 
 def test_fid_evaluator_in_training_matches_eval_mode(setup):
