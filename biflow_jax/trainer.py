@@ -11,6 +11,7 @@ global index, so results do not depend on how the batch is split over devices.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from biflow_jax import checkpoint, optim, runs, sharding, workdir_lock
+from biflow_jax import checkpoint, optim, provenance, runs, sharding, workdir_lock
 from biflow_jax.console import is_main_process, say
 from biflow_jax.data import input_pipeline
 from biflow_jax.errors import TrainingError, require
@@ -156,6 +157,7 @@ def train_locked(objective: Objective, evaluators: Sequence[Any], config: ml_col
         check_same_run(workdir, config, objective.same_run_keys)
     checkpoint.write_config(workdir, config)
     runs.write_stage_file(workdir, stage, objective.name, flow_workdir)
+    provenance.record(workdir)
     if latest is None:
         state = init_state(objective, optimizer, train.seed, config.parallel, mesh)
     else:  # straight into this run's shardings, whatever the mode and device count of the saving run
@@ -175,6 +177,7 @@ def train_locked(objective: Objective, evaluators: Sequence[Any], config: ml_col
     if start == 0:
         writer.write_hparams({"num_params": num_params, **flat_config(config)})
     report = periodic_actions.ReportProgress(num_train_steps=train.steps, writer=writer)
+    schedule = optim.make_schedule(optim_cfg, train.steps)
     train_step = make_train_step(objective.loss, optimizer, train, config.parallel, mesh)
     frozen = None if objective.frozen is None else jax.device_put(objective.frozen, NamedSharding(mesh, P()))
     batches = input_pipeline.train_batches(config.data, train.batch_size, train.seed, position=start)
@@ -195,6 +198,7 @@ def train_locked(objective: Objective, evaluators: Sequence[Any], config: ml_col
         return figures
 
     results: dict[str, float] = {}
+    pace = Pace(start, train.steps)
     # The loss of the params saved at step s is step s+1's loss: until it is seen finite, s is `unverified`
     # and the newest verified step is kept whatever keep_checkpoints says (a NaN at s+1 deletes s).
     verified, unverified = (None if latest is None else start), None
@@ -207,8 +211,10 @@ def train_locked(objective: Objective, evaluators: Sequence[Any], config: ml_col
         if step % train.log_every == 0 or step == train.steps:
             metrics = jax.device_get(metrics)  # the loop's only host sync, besides eval and saving
             check_finite(state, step)
-            writer.write_scalars(step, {f"train/{k}": v for k, v in metrics.items()})
-            say(f"step {step}: loss {metrics['loss']:.4f} grad_norm {metrics['grad_norm']:.3f}")
+            lr = float(schedule(step - 1))  # the rate this step's update used
+            writer.write_scalars(step, {**{f"train/{k}": v for k, v in metrics.items()}, "train/learning_rate": lr})
+            say(f"step {step}/{train.steps}: loss {metrics['loss']:.4f} grad_norm {metrics['grad_norm']:.3f} "
+                f"lr {lr:.2e} | {pace(step)}")
         results = evaluate(step, final=step == train.steps) or results
         if step % train.checkpoint_every == 0 or step == train.steps:
             check_finite(state, step, verified)
@@ -226,6 +232,21 @@ def train_locked(objective: Objective, evaluators: Sequence[Any], config: ml_col
         results = evaluate(train.steps, final=True)
     writer.flush()
     return results
+
+
+class Pace:
+    """'12.3 steps/s, ETA 4m05s' from the wall time between log lines (evaluation and saving included)."""
+
+    def __init__(self, start: int, total: int):
+        self.step, self.time, self.total = start, time.perf_counter(), total
+
+    def __call__(self, step: int) -> str:
+        now = time.perf_counter()
+        rate = (step - self.step) / max(now - self.time, 1e-9)
+        self.step, self.time = step, now
+        eta = int(round((self.total - step) / rate)) if rate > 0 else 0
+        return f"{rate:.1f} steps/s, ETA {eta // 3600}h{eta // 60 % 60:02d}m" if eta >= 3600 else \
+            f"{rate:.1f} steps/s, ETA {eta // 60}m{eta % 60:02d}s"
 
 
 def count_params(params: Any) -> int:
