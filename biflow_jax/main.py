@@ -4,9 +4,10 @@ Config values are overridden with `--config.KEY=VALUE` (e.g. `--config.train.ste
 A mode given only --workdir reads the run's own config.json. Modes (each one function):
   train      train the stages of config.stage (flow | biflow | both); the default
   describe   models, parameter counts, token grids, classes, FLOPs per image; no data, no weights
-  sample     exact-inverse samples from a stage-1 flow (or the flow of a job / stage-2 dir)
+  sample     samples into a new WORKDIR/samples/<settings>/ folder: the flow's exact inverse
+             (--sampler=exact|jacobi|naive) or BiFlow's 1-NFE G (--sampler=biflow), --w, --seed
   classify   a stage-1 flow as a training-free classifier, and a linear probe
-  inpaint / class_edit   training-free editing with a stage-2 (BiFlow) run
+  inpaint / class_edit   training-free editing with a stage-2 (BiFlow) run, with a measured result
   eval       FID-50K (FID, sFID, IS, precision/recall) of exact-inverse or BiFlow samples, or of --samples
 Expected errors (bad config, data, workdir or weights) print one line and exit 2.
 """
@@ -17,6 +18,9 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow or jaxlib print banners
+# TensorFlow (only tf.data here) announces its oneDNN kernels once per loaded library, whatever the
+# log level; without them it prints nothing. JAX's own CPU kernels are not affected.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app, flags, logging  # noqa: E402
 
@@ -28,12 +32,17 @@ MODES = ("train", "describe", "sample", "classify", "inpaint", "class_edit", "ev
 flags.DEFINE_string("config", None, "Config file, with an optional :ARG (default: WORKDIR/config.json).")
 flags.DEFINE_string("workdir", None, "Run directory: config.json, checkpoints, TensorBoard events.")
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")
-flags.DEFINE_integer("num_images", None, "sample: how many images (default config.sample.num_images).")
+flags.DEFINE_integer("num_images", None, "sample / editing / eval: how many images (sample: default "
+                     "config.sample.num_images; editing: the first 100 test images).")
 flags.DEFINE_list("labels", None, "sample: class labels, cycled over the images (default: balanced).")
-flags.DEFINE_enum("solver", None, ["cached", "jacobi", "naive"], "sample: exact-inverse solver.")
+flags.DEFINE_enum("sampler", None, ["exact", "jacobi", "naive", "biflow"],
+                  "sample: the flow's exact inverse (KV-cached, Jacobi or naive decoding; default exact) or "
+                  "BiFlow's G in one pass. eval: exact or biflow (default: biflow when the workdir has one).")
+flags.DEFINE_float("w", None, "sample / editing: guidance; the exact inverse's CFG scale (default "
+                   "config.sample.guidance) or G's trained-in scale (default config.biflow.guidance).")
 flags.DEFINE_integer("seed", 0, "sample / editing: random seed.")
-flags.DEFINE_string("out_dir", None, "sample / editing: output folder (default under WORKDIR/samples).")
-flags.DEFINE_enum("sampler", None, ["exact", "biflow"], "eval: sampler (default: biflow when the workdir has one).")
+flags.DEFINE_string("out_dir", None, "sample / editing: output folder (default: a new "
+                    "WORKDIR/samples/<settings>/).")
 flags.DEFINE_string("ref", None, "eval: ADM-format reference batch .npz (default evals.fid.reference).")
 flags.DEFINE_string("samples", None, "eval: score this ADM-format sample .npz (arr_0 uint8 NHWC) instead.")
 flags.DEFINE_string("inception", None, "eval: pt_inception-2015-12-05-6726825d.pth (default evals.fid.inception).")
@@ -59,6 +68,20 @@ def resolve_config(workdir: str | None, mode: str):
     return config_files.apply_overrides(config, OVERRIDES)
 
 
+def config_lines(config, prefix: str = "") -> list[str]:
+    """The resolved config, one line per (sub)section: `train: batch_size=64 steps=2000 ...`."""
+    import ml_collections
+
+    values, lines = [], []
+    for key, value in sorted(config.items()):
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            lines += config_lines(value, f"{prefix}{key}.")
+        else:
+            values.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
+    head = [f"  {prefix.rstrip('.') or '(top)'}: " + " ".join(values)] if values else []
+    return head + lines
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -77,7 +100,11 @@ def main(argv: list[str]) -> None:
     distributed.initialize()
     workdir = FLAGS.workdir
     if FLAGS.mode == "train":
+        from biflow_jax.console import say
         from biflow_jax.modes import train
+
+        say(f"config ({FLAGS.config or os.path.join(workdir, 'config.json')} with {len(OVERRIDES)} override(s); "
+            "saved as WORKDIR/config.json):\n" + "\n".join(config_lines(config)))
 
         train.train_and_evaluate(config, workdir)
     elif FLAGS.mode == "sample":
@@ -85,10 +112,10 @@ def main(argv: list[str]) -> None:
         from biflow_jax.modes import sample
 
         labels = [int(v) for v in FLAGS.labels] if FLAGS.labels else None
-        out = sample.run_sample(workdir, num_images=FLAGS.num_images, labels=labels, out_dir=FLAGS.out_dir,
-                                solver=FLAGS.solver, seed=FLAGS.seed, config=config)
-        say(f"exact-inverse samples ({out['solver']} solver, {out['num_images']} images, "
-            f"{out['images_per_s']:.1f} images/s incl. compile): {out['samples_png']}")
+        out = sample.run_sample(workdir, sampler=FLAGS.sampler, num_images=FLAGS.num_images, labels=labels,
+                                out_dir=FLAGS.out_dir, seed=FLAGS.seed, config=config, w=FLAGS.w)
+        say(f"{sample.sampler_caption(out['sampler'], out['w'])}: {out['num_images']} images, "
+            f"{out['images_per_s']:.1f} images/s incl. compile: {out['samples_png']}")
     elif FLAGS.mode == "eval":
         from biflow_jax.modes import eval as eval_mode
 
@@ -105,8 +132,22 @@ def main(argv: list[str]) -> None:
         from biflow_jax.modes import edit
 
         run = edit.run_inpaint if FLAGS.mode == "inpaint" else edit.run_class_edit
-        out = run(workdir, out_dir=FLAGS.out_dir)
-        say(f"{FLAGS.mode}: {out['grid']}")
+        out = run(workdir, num_images=FLAGS.num_images or 100, seed=FLAGS.seed, out_dir=FLAGS.out_dir, w=FLAGS.w)
+        m = out["metrics"]
+        if FLAGS.mode == "inpaint":
+            baselines = (f" (filling it with the mean training digit: {m['mean_image_fill_mae_255']:.1f}, with a "
+                         f"random training digit: {m['random_digit_fill_mae_255']:.1f})"
+                         if "mean_image_fill_mae_255" in m else "")
+            kept = (f"; the digits classifier still names the source class for {m['classifier_keeps_label']:.3f}"
+                    if "classifier_keeps_label" in m else "")
+            say(f"inpaint ({m['num_images']} test images x {m['draws_per_image']} draws, top half known): "
+                f"unknown-region mean abs error {m['unknown_mae_255']:.1f}/255{baselines}{kept}; "
+                f"known region changed by at most {m['known_max_abs_diff_255']}/255")
+        elif "target_accuracy" in m:
+            say(f"class_edit ({m['num_images']} test images x {m['classes']} classes): the digits classifier "
+                f"names the target class for {m['target_accuracy']:.3f} of edits to another class (chance 0.1), "
+                f"the source class for {m['source_kept_accuracy']:.3f} of edits to the same class")
+        say(f"{FLAGS.mode}: {out['grid']} (figures in {os.path.join(out['out_dir'], 'metrics.json')})")
 
 
 def run() -> None:

@@ -1,11 +1,19 @@
-"""The `sample` mode: load a stage-1 flow, generate images with its exact inverse, save them.
+"""The `sample` mode: images from either model of a run, saved where nothing else is written.
 
-Writes `samples.png` (a grid, one row per class for a conditional model) and
-`samples.npz` (uint8 NHWC `images` and int `labels`) into `out_dir`.
+`--sampler=exact|jacobi|naive` inverts the stage-1 flow exactly (KV-cached, Jacobi or
+naive token-by-token decoding; TARFlow, arXiv:2412.06329); `--sampler=biflow` runs
+BiFlow's learned reverse model G once per image (1 NFE; BiFlow, arXiv:2512.10953).
+A two-stage job dir, a stage-1 dir or a stage-2 dir are all accepted (`runs.stage_dir`
+picks the part). Each call writes a new folder named after its settings, e.g.
+`WORKDIR/samples/biflow_w1_seed0_n100/` holding `samples.png` (captioned: which sampler,
+guidance, seed, how many of the images are shown, a row per class), `samples.npz`
+(uint8 NHWC `images`, int `labels`, the same noise for every sampler at one seed) and
+`settings.json`; the grid also goes to the run's TensorBoard as `samples/<folder>`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -16,11 +24,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from PIL import Image
-from tqdm import tqdm
 
 from biflow_jax import latent_space, runs
-from biflow_jax.samplers import exact_inverse
+from biflow_jax.errors import ConfigError
+from biflow_jax.evaluators import grids
+from biflow_jax.samplers import exact_inverse, one_nfe
+
+# Exact-inverse samplers and the solver each one uses; "biflow" is G's one pass.
+EXACT_SOLVERS = {"exact": "cached", "jacobi": "jacobi", "naive": "naive"}
+SAMPLERS = (*EXACT_SOLVERS, "biflow")
+MAX_GRID_COLUMNS = 16  # images per class row in the PNG (all of them are in the npz)
+MAX_GRID_IMAGES = 256  # an unconditional grid shows at most this many
 
 # Defaults for the `sample` config section, used for any field a config lacks.
 SAMPLE_DEFAULTS = {
@@ -41,7 +55,7 @@ SAMPLE_DEFAULTS = {
 
 def sample_settings(config: Any) -> dict:
     """config.sample with defaults filled in (the section may be missing or partial)."""
-    section = config.get("sample", None) or {}
+    section = (config.get("sample", None) if config is not None else None) or {}
     return {key: section.get(key, default) for key, default in SAMPLE_DEFAULTS.items()}
 
 
@@ -60,39 +74,19 @@ def denoise_sigma(config: Any, settings: dict) -> float:
     return 0.0
 
 
-def save_grid(images: np.ndarray, path: str, nrow: int, padding: int = 2, min_size: int = 32) -> None:
-    """Tile uint8 NHWC images, `nrow` per row, into one PNG (grayscale for 1 channel).
-
-    Images smaller than `min_size` pixels are enlarged by an integer factor (nearest
-    neighbour), so an 8x8 digit is something a person can look at.
-    """
-    images = np.asarray(images)
-    if images.ndim == 4 and 0 < images.shape[1] < min_size:
-        factor = -(-min_size // images.shape[1])
-        images = images.repeat(factor, axis=1).repeat(factor, axis=2)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"save_grid wants uint8 NHWC images with 1 or 3 channels, got {images.dtype} "
-                         f"{images.shape}")
-    n, h, w, c = images.shape
-    nrow = max(1, min(nrow, n))
-    rows = math.ceil(n / nrow)
-    grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), np.uint8)
-    for k, image in enumerate(images):
-        r, col = divmod(k, nrow)
-        top, left = padding + r * (h + padding), padding + col * (w + padding)
-        grid[top:top + h, left:left + w] = image
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+def sampler_caption(sampler: str, w: float) -> str:
+    """What a grid column shows: 'exact inverse, g=0', 'exact inverse (Jacobi), g=1', 'BiFlow 1-NFE, w=1'."""
+    if sampler == "biflow":
+        return f"BiFlow 1-NFE, w={w:g}"
+    how = {"exact": "", "jacobi": " (Jacobi)", "naive": " (naive)"}[sampler]
+    return f"exact inverse{how}, g={w:g}"
 
 
-def class_rows(images: np.ndarray, labels: np.ndarray, max_cols: int = 16) -> tuple[np.ndarray, int]:
-    """Rearrange images into one row per label (sorted), blank cells where a class has fewer."""
-    classes = np.unique(labels)
-    cols = min(max_cols, max(int(np.sum(labels == c)) for c in classes))
-    cells = np.zeros((len(classes) * cols,) + images.shape[1:], images.dtype)
-    for r, c in enumerate(classes):
-        chosen = images[labels == c][:cols]
-        cells[r * cols:r * cols + len(chosen)] = chosen
-    return cells, cols
+def folder_name(sampler: str, w: float, seed: int, num_images: int, labels: Sequence[int] | None) -> str:
+    name = f"{sampler}_w{w:g}_seed{seed}_n{num_images}"
+    if labels is not None:
+        name += "_labels" + "-".join(str(int(v)) for v in labels)
+    return name
 
 
 def default_labels(num_images: int, num_classes: int) -> np.ndarray:
@@ -100,30 +94,50 @@ def default_labels(num_images: int, num_classes: int) -> np.ndarray:
     return np.arange(num_images) % num_classes
 
 
-def run_sample(workdir: str, sampler: str = "exact", num_images: int | None = None,
-               labels: Sequence[int] | None = None, out_dir: str | None = None, solver: str | None = None,
-               ema: bool = True, seed: int = 0, config: Any = None) -> dict:
-    """Generate `num_images` images from the stage-1 flow in `workdir`; returns paths and throughput
+def biflow_guidance(config: Any, reverse: Any, w: float | None) -> float:
+    """The trained-in guidance scale G takes: `w`, else biflow.guidance when G learned it, else 0."""
+    trained = bool(config.biflow.get("cfg_training", False)) and bool(getattr(reverse, "guidance_conditioning", True))
+    if w is None:
+        return float(config.biflow.guidance) if trained else 0.0
+    if w != 0 and not trained:
+        raise ConfigError(f"--w={w:g}: this G was trained without guidance (biflow.cfg_training=False); use --w=0")
+    return float(w)
+
+
+def run_sample(workdir: str, sampler: str | None = None, num_images: int | None = None,
+               labels: Sequence[int] | None = None, out_dir: str | None = None, ema: bool = True, seed: int = 0,
+               config: Any = None, w: float | None = None) -> dict:
+    """Generate `num_images` images with `sampler` from the run in `workdir`; returns paths and figures
     (`seconds` and `images_per_s` include compilation).
 
+    sampler: 'exact' | 'jacobi' | 'naive' (the flow's exact inverse) or 'biflow' (G, 1 NFE);
+    None takes config.sample.solver's exact inverse. w: the exact inverse's CFG scale
+    (default config.sample.guidance) or G's trained-in guidance (default biflow.guidance).
     labels: one per image (cycled if shorter); None gives class-balanced labels for a
-    conditional model. solver / num_images None take config.sample's values.
+    conditional model. out_dir: None writes a new folder WORKDIR/samples/<settings>.
     """
+    if sampler is None:
+        sampler = next((k for k, v in EXACT_SOLVERS.items() if v == sample_settings(config)["solver"]), "exact")
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"--sampler={sampler!r} must be one of {', '.join(SAMPLERS)}")
     try:
-        run = runs.load_flow(workdir, ema)
+        if sampler == "biflow":
+            reverse_run = runs.load_reverse(workdir, ema)
+            run, model = reverse_run, reverse_run.flow.model
+        else:
+            reverse_run = None
+            run = runs.load_flow(workdir, ema)
+            model = run.model
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"cannot sample: no stage-1 flow checkpoint in workdir {workdir!r} ({err})") from err
-    config_loaded, model, params = run.config, run.model, run.params
+        kind = "stage-2 (BiFlow)" if sampler == "biflow" else "stage-1 flow"
+        raise FileNotFoundError(f"cannot sample with --sampler={sampler}: no {kind} checkpoint in workdir "
+                                f"{workdir!r} ({err})") from err
     # Sampling settings come from the given config; the training noise from the run's own config.
-    config = config if config is not None else config_loaded
-    trained = config_loaded if config_loaded is not None else config
-
+    config = config if config is not None else run.config
     settings = sample_settings(config)
     num_images = int(num_images or settings["num_images"])
-    solver = solver or settings["solver"]
-    guidance = guidance_from_settings(settings)
-    sigma = denoise_sigma(trained, settings)
-    exact_inverse.check_guidance(model, guidance)
+    if num_images <= 0:
+        raise ConfigError(f"--num_images={num_images} must be positive")
 
     if labels is not None:
         all_labels = np.resize(np.asarray(labels, np.int32), num_images)
@@ -134,11 +148,29 @@ def run_sample(workdir: str, sampler: str = "exact", num_images: int | None = No
     if all_labels is not None:
         exact_inverse.check_labels(model, all_labels)
 
+    if sampler == "biflow":
+        w = biflow_guidance(run.config, reverse_run.model, w)
+        sigma, solver = 0.0, None
+        to_images = one_nfe.token_images(model.patch_size, model.img_size, model.in_channels)
+
+        def generate(z, y):
+            return one_nfe.one_nfe_sample(reverse_run.model, reverse_run.params, z, y, w, to_images=to_images)
+    else:
+        if w is not None:
+            settings["guidance"] = float(w)
+        guidance = guidance_from_settings(settings)
+        exact_inverse.check_guidance(model, guidance)
+        w, solver = guidance.scale, EXACT_SOLVERS[sampler]
+        sigma = denoise_sigma(run.config, settings)
+
+        def generate(z, y):
+            return exact_inverse.generate(model, run.params, z, y, guidance, solver, sigma,
+                                          settings["jacobi_tol"], settings["jacobi_max_iters"])
+
     decoder = latent_space.load_decoder(config)
     devices = jax.local_devices()
     mesh = Mesh(np.array(devices), ("batch",))
     batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
-    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     per_step = min(int(settings["batch_size"]), num_images)
     per_step = -(-per_step // len(devices)) * len(devices)  # a multiple of the device count
 
@@ -146,7 +178,7 @@ def run_sample(workdir: str, sampler: str = "exact", num_images: int | None = No
     token_shape = (model.num_tokens, model.token_dim)
     chunks = []
     start = time.perf_counter()
-    for first in tqdm(range(0, num_images, per_step), desc="sampling", unit="batch"):
+    for first in range(0, num_images, per_step):
         count = min(per_step, num_images - first)
         z = settings["noise_scale"] * jax.random.normal(jax.random.fold_in(rng, first), (per_step,) + token_shape)
         z = jax.device_put(z, batch_sharding)
@@ -155,31 +187,50 @@ def run_sample(workdir: str, sampler: str = "exact", num_images: int | None = No
             step_labels = np.zeros(per_step, np.int32)  # padding rows are generated, then dropped
             step_labels[:count] = all_labels[first:first + count]
             y = jax.device_put(jnp.asarray(step_labels), batch_sharding)
-        images = exact_inverse.generate(model, params, z, y, guidance, solver, sigma,
-                                   settings["jacobi_tol"], settings["jacobi_max_iters"])
-        # a latent run's samples are latents: decoded through the frozen VAE
-        chunks.append((decoder.to_uint8(images) if decoder else exact_inverse.images_to_uint8(images))[:count])
+        out = generate(z, y)  # a latent run's samples are latents: decoded through the frozen VAE
+        chunks.append((decoder.to_uint8(out) if decoder else exact_inverse.images_to_uint8(out))[:count])
     seconds = time.perf_counter() - start
     images = np.concatenate(chunks)
 
-    out_dir = out_dir or os.path.join(workdir, "samples")
+    name = folder_name(sampler, w, seed, num_images, labels)
+    out_dir = out_dir or os.path.join(workdir, "samples", name)
     os.makedirs(out_dir, exist_ok=True)
     png_path, npz_path = os.path.join(out_dir, "samples.png"), os.path.join(out_dir, "samples.npz")
     saved_labels = all_labels if all_labels is not None else np.full(num_images, -1, np.int32)
     np.savez(npz_path, images=images, labels=saved_labels)
-    if all_labels is not None:
-        cells, cols = class_rows(images, all_labels)
-        save_grid(cells, png_path, cols)
-    else:
-        save_grid(images, png_path, math.ceil(math.sqrt(num_images)))
+    grid = sample_grid(images, all_labels, f"{sampler_caption(sampler, w)}, seed {seed}", run.step)
+    grids.save_png(grid, png_path)
+    settings_record = {"sampler": sampler, "solver": solver, "w": w, "seed": seed, "num_images": num_images,
+                       "labels": None if labels is None else [int(v) for v in labels], "checkpoint_step": run.step,
+                       "workdir": os.path.abspath(run.workdir), "denoise_sigma": sigma, "ema": ema}
+    with open(os.path.join(out_dir, "settings.json"), "w") as f:
+        json.dump(settings_record, f, indent=1)
+    grids.to_tensorboard(run.workdir, run.step, images={f"samples/{name}": grid})
 
     return {
         "samples_png": png_path,
         "samples_npz": npz_path,
+        "out_dir": out_dir,
         "num_images": num_images,
+        "sampler": sampler,
         "solver": solver,
-        "guidance": guidance.scale,
+        "w": w,
+        "guidance": w,
         "denoise_sigma": sigma,
         "seconds": seconds,
         "images_per_s": num_images / seconds,
     }
+
+
+def sample_grid(images: np.ndarray, labels: np.ndarray | None, what: str, step: int) -> np.ndarray:
+    """A row per class (up to MAX_GRID_COLUMNS each), or a square grid; the title says how many are shown."""
+    total = len(images)
+    if labels is not None:
+        cells, cols, classes = grids.class_rows(images, labels, MAX_GRID_COLUMNS)
+        shown = sum(min(int(np.sum(labels == c)), cols) for c in classes)
+        title = [f"{what}, checkpoint step {step}", grids.shown_note(shown, total, "samples.npz") +
+                 f", a row per class (up to {cols} each)"]
+        return grids.captioned_grid(cells, cols, title=title, row_labels=[f"class {int(c)}" for c in classes])
+    shown = min(total, MAX_GRID_IMAGES)
+    title = [f"{what}, checkpoint step {step}", grids.shown_note(shown, total, "samples.npz")]
+    return grids.captioned_grid(images[:shown], math.ceil(math.sqrt(shown)), title=title)
