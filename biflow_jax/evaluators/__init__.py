@@ -57,10 +57,13 @@ def for_flow_stage(config: Any, model: Any, flow_params: Any, mesh: Any) -> list
         out.append(bpd.BitsPerDim(config, model, flow_params, mesh, int(evals.bpd.get("every", 0))))
     settings = _fid_in_training(config, "flow")
     if settings is not None:
+        from biflow_jax import latent_space
         from biflow_jax.evaluators import sample_fid
 
-        sampler = sample_fid.exact_sampler(model, config, config, settings)
-        out.append(sample_fid.SampleFID(settings, sampler, mesh, flow_params))
+        decoder = latent_space.load_decoder(config)  # latent runs: samples decoded through the VAE (its params
+        params_of = flow_params if decoder is None else (lambda p: (flow_params(p), decoder.params))  # as args)
+        sampler = sample_fid.exact_sampler(model, config, config, settings, decoder)
+        out.append(sample_fid.SampleFID(settings, sampler, mesh, params_of))
     return out
 
 
@@ -82,8 +85,11 @@ def for_biflow_stage(config: Any, flow_run: Any, reverse: Any, mesh: Any) -> lis
                                                 per_class=int(settings.get("per_class", 30))))
     fid_settings = _fid_in_training(config, "biflow")
     if fid_settings is not None:
+        from biflow_jax import latent_space
         from biflow_jax.evaluators import sample_fid
 
-        sampler = sample_fid.biflow_sampler(reverse, flow_run.model, config, fid_settings)
-        out.append(sample_fid.SampleFID(fid_settings, sampler, mesh))
+        decoder = latent_space.load_decoder(config)
+        sampler = sample_fid.biflow_sampler(reverse, flow_run.model, config, fid_settings, decoder)
+        out.append(sample_fid.SampleFID(fid_settings, sampler, mesh, (lambda p: p) if decoder is None
+                                        else (lambda p: (p, decoder.params))))
     return out

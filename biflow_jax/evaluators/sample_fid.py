@@ -176,7 +176,15 @@ def _noise(seed: int, index: jax.Array, shape: tuple[int, int]) -> jax.Array:
     return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
 
 
-def exact_sampler(flow: Any, flow_config: Any, config: Any, settings: dict[str, Any]) -> Sampler:
+def _images(decoder: Any, params: Any, generate_raw: Callable[[Any], jax.Array]) -> jax.Array:
+    """uint8 images from a raw generator: a latent run (decoder set) takes params = (model params, VAE
+    params) and decodes its latents through the VAE (biflow_jax.latent_space); pixel runs round."""
+    if decoder is None:
+        return _to_uint8(generate_raw(params))
+    return decoder.decode_uint8(params[1], generate_raw(params[0]))
+
+
+def exact_sampler(flow: Any, flow_config: Any, config: Any, settings: dict[str, Any], decoder: Any = None) -> Sampler:
     """The flow's exact inverse with config.sample's solver, guidance and denoising (guidance
     from the fid section when set there)."""
     sample = (config.get("sample", None) if config else None) or {}
@@ -196,14 +204,15 @@ def exact_sampler(flow: Any, flow_config: Any, config: Any, settings: dict[str, 
     def generate(params, index, labels):
         z = noise_scale * _noise(seed, index, (flow.num_tokens, flow.token_dim))
         y = labels if flow.num_classes else None
-        return _to_uint8(exact_inverse.generate(flow, params, z, y, guidance, solver, sigma, tol, iters))
+        return _images(decoder, params, lambda p: exact_inverse.generate(flow, p, z, y, guidance, solver, sigma,
+                                                                         tol, iters))
 
     description = (f"exact inverse ({solver} solver, guidance {guidance.scale:g} {guidance.rule}, noise scale "
                    f"{noise_scale:g}, denoise sigma {sigma:g})")
     return Sampler("exact", description, flow.num_classes, generate)
 
 
-def biflow_sampler(reverse: Any, flow: Any, config: Any, settings: dict[str, Any]) -> Sampler:
+def biflow_sampler(reverse: Any, flow: Any, config: Any, settings: dict[str, Any], decoder: Any = None) -> Sampler:
     """BiFlow's G in one pass at the trained-in guidance w (biflow.guidance when CFG-trained, unless
     the fid section sets it), plus optional inference-time CFG."""
     trained_w = float(config.biflow.guidance) if config.biflow.get("cfg_training", False) else 0.0
@@ -216,8 +225,8 @@ def biflow_sampler(reverse: Any, flow: Any, config: Any, settings: dict[str, Any
     def generate(params, index, labels):
         z = _noise(seed, index, (flow.num_tokens, flow.token_dim))
         y = labels if flow.num_classes else None
-        return _to_uint8(one_nfe.one_nfe_sample(reverse, params, z, y, w, to_images=to_images,
-                                                cfg_scale=cfg_scale or None))
+        return _images(decoder, params, lambda p: one_nfe.one_nfe_sample(reverse, p, z, y, w, to_images=to_images,
+                                                                         cfg_scale=cfg_scale or None))
 
     nfe = 2 if cfg_scale else 1
     description = f"BiFlow {nfe}-NFE (w {w:g}" + (f", inference CFG {cfg_scale:g})" if cfg_scale else ")")

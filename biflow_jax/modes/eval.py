@@ -27,7 +27,7 @@ from clu import metric_writers
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from biflow_jax import runs, sharding
+from biflow_jax import latent_space, runs, sharding
 from biflow_jax.console import is_main_process, say
 from biflow_jax.errors import ConfigError
 from biflow_jax.evaluators import sample_fid
@@ -170,22 +170,23 @@ def generate_samples(out_dir: str, sampler: sample_fid.Sampler, params: Any, set
 def _sample_source(workdir: str, kind: str, config: Any, settings_flags: dict[str, Any]
                    ) -> tuple[sample_fid.Sampler, Any, dict[str, Any], tuple[int, ...], int]:
     """(sampler, params, settings, image shape, checkpoint step) of the run in `workdir`."""
-    latent = (runs.read_config(runs.stage_dir(workdir, "flow")).get("latent", None) or {}).get("enabled", False)
-    if latent:
-        raise ConfigError("--mode=eval scores pixel-space runs; this run is in latent space (config.latent.enabled) "
-                          "and its samples would need the VAE decoder first")
     stage = "biflow" if kind == "biflow" else "flow"
     config = config if config is not None else runs.read_config(runs.stage_dir(workdir, stage))
     settings = apply_flags(sample_fid.fid_settings(config, stage), **settings_flags)
     sample_fid.check_settings(settings)  # a missing reference or weights file stops before the run is loaded
     if kind == "biflow":
         run = runs.load_reverse(workdir)
-        sampler = sample_fid.biflow_sampler(run.model, run.flow.model, config, settings)
+        decoder = latent_space.load_decoder(config)  # latent runs: samples decoded through the frozen VAE
+        sampler = sample_fid.biflow_sampler(run.model, run.flow.model, config, settings, decoder)
         flow = run.flow.model
     else:
         run = runs.load_flow(workdir)
-        sampler = sample_fid.exact_sampler(run.model, run.config, config, settings)
+        decoder = latent_space.load_decoder(config)
+        sampler = sample_fid.exact_sampler(run.model, run.config, config, settings, decoder)
         flow = run.model
+    if decoder is not None:  # (model params, VAE params); images at the VAE's resolution
+        size = flow.img_size * decoder.model.cfg.downsample_factor
+        return sampler, (run.params, decoder.params), settings, (size, size, decoder.model.cfg.out_channels), run.step
     return sampler, run.params, settings, (flow.img_size, flow.img_size, flow.in_channels), run.step
 
 

@@ -68,3 +68,22 @@ def test_missing_vae_path_stops_training_before_writing(tmp_path):
                                           "one saved from stabilityai/sd-vae-ft-ema"):
         train.train_and_evaluate(config, workdir)
     assert not os.path.exists(workdir)
+
+
+def test_fid_samplers_decode_latents_through_the_vae(tmp_path):
+    from biflow_jax.evaluators import sample_fid
+    from biflow_jax.models import registry
+
+    root = str(tmp_path)
+    config = smoke_config(root, "", make_vae(root))
+    decoder = latent_space.load_decoder(config)
+    flow = registry.build_flow(config.model)
+    params = flow.init(jax.random.key(0), *registry.flow_example_inputs(config.model))
+    settings = {"guidance": None, "seed": 0}
+    sampler = sample_fid.exact_sampler(flow, config, config, settings, decoder)
+    index, labels = jnp.arange(3), jnp.array([0, 1, 0])
+    images = np.asarray(sampler.generate((params, decoder.params), index, labels))
+    assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 0
+    pixel = sample_fid.exact_sampler(flow, config, config, settings)  # the same latents, undecoded
+    latents = np.asarray(pixel.generate(params, index, labels))
+    assert latents.shape == (3, 8, 8, 4)
