@@ -197,3 +197,9 @@ def token_image_fn(decoder: LatentDecoder, patch_size: int, size: int, channels:
         return decoder.decode(frozen["vae"], unpatchify(tokens, patch_size, size, size, channels))
 
     return fn
+
+
+def require_pixel_space(config: Any, mode: str) -> None:
+    """Modes that read or write pixels directly (editing, classification) refuse a latent run in one line."""
+    require(not enabled(config), f"{mode} works on pixel-space runs only; this run is in VAE latent space "
+            "(latent.enabled); sample, compare and eval decode latent runs")

@@ -10,7 +10,7 @@ from typing import Any
 
 import ml_collections
 
-from biflow_jax import runs
+from biflow_jax import latent_space, runs
 from biflow_jax.console import say
 from biflow_jax.evaluators import classify
 
@@ -19,6 +19,7 @@ def run(workdir: str, data: ml_collections.ConfigDict | None = None) -> dict[str
     """data: where the dataset lives on this machine (overrides the run's data section if same name)."""
     flow = runs.load_flow(workdir)
     config = flow.config
+    latent_space.require_pixel_space(config, "classify")
     if data is not None and data.name == config.data.name:
         config = ml_collections.ConfigDict(config.to_dict())
         config.data = data

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biflow_jax import likelihood, runs
+from biflow_jax import latent_space, likelihood, runs
 from biflow_jax.data import input_pipeline
 from biflow_jax.errors import ConfigError
 from biflow_jax.evaluators import grids, reconstruction
@@ -79,6 +79,7 @@ def run_inpaint(workdir: str, num_images: int = 100, seed: int = 0, out_dir: str
                 w: float | None = None) -> dict[str, Any]:
     """Inpaint the bottom half of `num_images` test images INPAINT_DRAWS times; grid, figures, paths."""
     run = runs.load_reverse(workdir)
+    latent_space.require_pixel_space(run.config, "editing")
     flow = run.flow.model
     data = test_images(run, num_images, seed)
     n = len(data["labels"])
@@ -144,6 +145,7 @@ def run_class_edit(workdir: str, num_images: int = 100, seed: int = 0, out_dir: 
                    w: float | None = None) -> dict[str, Any]:
     """Edit `num_images` test images into every class; grid, the classifier's verdict, paths."""
     run = runs.load_reverse(workdir)
+    latent_space.require_pixel_space(run.config, "editing")
     flow = run.flow.model
     if not flow.num_classes:
         raise ConfigError("class editing needs a class-conditional model (model.num_classes > 0)")

@@ -87,3 +87,12 @@ def test_fid_samplers_decode_latents_through_the_vae(tmp_path):
     pixel = sample_fid.exact_sampler(flow, config, config, settings)  # the same latents, undecoded
     latents = np.asarray(pixel.generate(params, index, labels))
     assert latents.shape == (3, 8, 8, 4)
+
+
+def test_pixel_only_modes_refuse_latent_runs():
+    from biflow_jax import config_files
+
+    config = config_files.load(f"{REPO}/configs/imagenet256_latent.py:smoke")
+    with pytest.raises(ConfigError, match="editing works on pixel-space runs only"):
+        latent_space.require_pixel_space(config, "editing")
+    latent_space.require_pixel_space(config_files.load(f"{REPO}/configs/digits.py:quick"), "editing")
