@@ -7,6 +7,10 @@ split is a fixed seeded permutation (1,497 / 300), the same on every machine.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -49,3 +53,39 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, images, labels):
         for i, (image, label) in enumerate(zip(images, labels)):
             yield i, {"image": image, "label": int(label)}
+
+
+
+@contextlib.contextmanager
+def quiet_tfds():
+    """TFDS' console output held back: its banner, progress bars and absl warnings (e.g. about an empty
+    dataset folder on first use), shown only if what runs inside fails."""
+    from absl import logging
+
+    captured, verbosity = io.StringIO(), logging.get_verbosity()
+    tfds.display_progress_bar(False)
+    logging.set_verbosity(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            yield
+    except BaseException:
+        sys.stderr.write(captured.getvalue())
+        raise
+    finally:
+        logging.set_verbosity(verbosity)
+        tfds.display_progress_bar(True)
+
+
+def prepared_builder(data_dir: str | None) -> SklearnDigits:
+    """The digits builder with its files written: once, quietly (TFDS would announce "Downloading and
+    preparing dataset" and draw progress bars, though nothing is downloaded)."""
+    with quiet_tfds():
+        builder = SklearnDigits(data_dir=data_dir)
+        ready = builder.is_prepared()
+    if not ready:
+        from biflow_jax.console import say
+
+        say(f"building the digits dataset from scikit-learn into {builder.data_dir} (once; nothing is downloaded)")
+        with quiet_tfds():
+            builder.download_and_prepare()
+    return builder

@@ -31,10 +31,9 @@ FOLDER = "folder"  # FOLDER/<split>/<class>/<images>: biflow_jax.data.image_fold
 def _builder(data_cfg: Any) -> tfds.core.DatasetBuilder:
     data_dir = data_cfg.get("data_dir") or None
     if data_cfg.name == BUILTIN:
-        from biflow_jax.data.digits import SklearnDigits
+        from biflow_jax.data import digits
 
-        builder = SklearnDigits(data_dir=data_dir)
-        builder.download_and_prepare()  # offline: built from scikit-learn on first use
+        builder = digits.prepared_builder(data_dir)  # offline and quiet: built from scikit-learn on first use
         return builder
     if data_dir is not None and not os.path.isdir(data_dir):
         raise DataError(f"data.data_dir={data_dir!r} does not exist")
