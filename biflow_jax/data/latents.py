@@ -66,6 +66,22 @@ def _folder_files(folder: str, split: str) -> list[tuple[str, int]]:
     return files
 
 
+def _tfds_builder(source: Any) -> Any:
+    """A prepared TFDS dataset (this code never downloads), or a DataError saying what is missing."""
+    import tensorflow_datasets as tfds
+
+    data_dir = source.get("data_dir") or None
+    try:
+        builder = tfds.builder(source.name, data_dir=data_dir)
+    except Exception as e:  # unknown name: tfds raises a registry error
+        raise DataError(f"unknown dataset latent.source.name={source.name!r} ({type(e).__name__}); use 'digits', "
+                        "'folder' or a TFDS name prepared in latent.source.data_dir") from e
+    if not builder.is_prepared():
+        raise DataError(f"dataset {source.name!r} is not prepared in data_dir={builder.data_dir!r}; prepare it "
+                        "there first (tfds build / manual_dir)")
+    return builder
+
+
 class ImageSource:
     """One split of the source dataset: `len` examples, read by index range in a fixed order."""
 
@@ -83,9 +99,7 @@ class ImageSource:
             self.arrays = arrays[split]
             self.count = len(self.arrays[1])
         else:
-            from biflow_jax.data import input_pipeline
-
-            self.builder = input_pipeline._builder(source)
+            self.builder = _tfds_builder(source)
             if split not in self.builder.info.splits:
                 raise DataError(f"split {split!r} not in dataset {source.name!r}")
             self.count = int(self.builder.info.splits[split].num_examples)
