@@ -114,6 +114,10 @@ def flow_workdir_of(reverse_workdir: str) -> str:
             return sibling
         raise FileNotFoundError(f"stage-2 workdir {reverse_workdir!r} does not name its stage-1 flow")
     path = ref if os.path.isabs(ref) else os.path.normpath(os.path.join(reverse_workdir, ref))
+    sibling = os.path.join(os.path.dirname(os.path.abspath(reverse_workdir)), FORWARD_DIR)
+    in_a_job = os.path.basename(os.path.abspath(reverse_workdir)) == REVERSE_DIR
+    if os.path.isabs(ref) and in_a_job and os.path.basename(ref) == FORWARD_DIR and is_run(sibling):
+        return sibling  # a copied or moved job dir whose stage 2 names the old job's forward/ absolutely
     if not os.path.isdir(path):
         raise FileNotFoundError(f"stage-2 workdir {reverse_workdir!r} inverts the flow in {path!r}, "
                                 "which does not exist (moved or deleted?)")
