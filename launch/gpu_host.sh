@@ -18,7 +18,9 @@
 #   --mem_fraction=F     Export XLA_PYTHON_CLIENT_MEM_FRACTION=F (see below).
 #   --gpus=LIST          Export CUDA_VISIBLE_DEVICES=LIST (default: all GPUs).
 #   --python=BIN         Interpreter (default: python, or $PYTHON).
-#   --dry-run            Print the commands (prefixed with "+ ") instead of running them.
+#   --dry-run            Print the commands (prefixed with "+ ") instead of running them,
+#                        after checking the config file and the --config.KEY=VALUE keys
+#                        (with biflow_jax's own loader, when it is importable here).
 #   -h, --help           Show this header.
 #
 # Environment worth knowing (set it before calling, or via the flags above):
@@ -32,10 +34,10 @@
 #   TF_CPP_MIN_LOG_LEVEL            2 silences TensorFlow's (input pipeline) info logs.
 #   NCCL_DEBUG                      WARN/INFO to debug collective hangs.
 #
-# Example:
+# Example (config paths are relative to the repository root):
 #   launch/gpu_host.sh --install --mem_fraction=0.9 \
-#       --config=configs/imagenet64_biflow.py --workdir=/data/runs/biflow64 \
-#       -- --config.training.batch_size=256
+#       --config=configs/imagenet64.py:p2 --workdir=/data/runs/imagenet64 \
+#       -- --config.train.batch_size=256
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -119,6 +121,31 @@ done
 [[ "${CUDA}" =~ ^cuda[0-9]+$ ]] || die "--cuda must look like cuda12, got '${CUDA}'"
 if [[ -n "${MEM_FRACTION}" ]]; then
   [[ "${MEM_FRACTION}" =~ ^(0?\.[0-9]+|1(\.0*)?)$ ]] || die "--mem_fraction must be in (0, 1], got '${MEM_FRACTION}'"
+fi
+
+# The config file exists, and (when biflow_jax can be imported here) it loads and every
+# --config.KEY=VALUE names a real key: a typo stops the launch, not the job an hour later.
+config_file="${CONFIG%%:*}"
+[[ "${config_file}" == /* ]] || config_file="${REPO_ROOT}/${config_file}"
+[[ -f "${config_file}" ]] || die "config file not found: ${CONFIG%%:*} (paths are relative to ${REPO_ROOT})"
+if (cd "${REPO_ROOT}" && "${PYTHON_BIN}" -c "import biflow_jax.config_files" >/dev/null 2>&1); then
+  overrides=()
+  for word in "${EXTRA_ARGS[@]}"; do
+    [[ "${word}" == --config.* ]] && overrides+=("${word}")
+  done
+  check="$(cd "${REPO_ROOT}" && "${PYTHON_BIN}" -c '
+import sys
+from biflow_jax import config_files
+from biflow_jax.errors import ConfigError
+try:
+    _, overrides = config_files.split_overrides(sys.argv[2:])
+    config_files.apply_overrides(config_files.load(sys.argv[1]), overrides)
+except ConfigError as e:
+    print(str(e).splitlines()[0])
+' "${CONFIG}" "${overrides[@]}" 2>&1)" || check="could not check the config: ${check##*$'\n'}"
+  [[ -z "${check}" ]] || die "${check}"
+elif (( DRY_RUN )); then
+  echo "# biflow_jax is not importable with ${PYTHON_BIN}: config keys not checked" >&2
 fi
 
 # main runs from the repo root (configs/ paths); keep a relative local workdir

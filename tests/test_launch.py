@@ -164,7 +164,7 @@ def test_tpu_does_not_retry_real_failures_on_healthy_vm(tmp_path):
 
 
 def test_gpu_host_dry_run_default_jit_and_pmap(tmp_path):
-    default = _bash(GPU, "--dry-run", "--config=configs/c.py", "--workdir=runs/a", cwd=tmp_path)
+    default = _bash(GPU, "--dry-run", "--config=configs/digits.py", "--workdir=runs/a", cwd=tmp_path)
     assert default.returncode == 0, default.stderr
     main = [l for l in default.stdout.splitlines() if "biflow_jax.main" in l]
     assert len(main) == 1 and main[0].startswith("+ python -m biflow_jax.main")
@@ -174,18 +174,36 @@ def test_gpu_host_dry_run_default_jit_and_pmap(tmp_path):
     assert "pip install" not in default.stdout
 
     pmap = _bash(GPU, "--dry-run", "--backend=pmap", "--install", "--mem_fraction=0.9",
-                 "--config=configs/c.py", "--workdir=/runs/b", "--", "--config.seed=3")
+                 "--config=configs/digits.py:quick", "--workdir=/runs/b", "--", "--config.train.seed=3")
     assert pmap.returncode == 0, pmap.stderr
     out = pmap.stdout
     assert "pip install -r requirements.txt -e ." in out and "jax[cuda12]" in out
     assert "+ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9" in out
     main = out.strip().splitlines()[-1]
     for needle in ("-m biflow_jax.main", "--workdir=/runs/b", "--config.parallel.backend=pmap",
-                   "--config.seed=3"):
+                   "--config.train.seed=3"):
         assert needle in main, needle
 
     bad = _bash(GPU, "--dry-run", "--backend=tpu", "--config=c", "--workdir=w")
     assert bad.returncode == 2 and "biflow_jax.main" not in bad.stdout
+
+
+def test_gpu_host_checks_the_config_file_and_keys_and_its_header_example_runs():
+    missing = _bash(GPU, "--dry-run", "--config=configs/imagenet64_biflow.py", "--workdir=/w")
+    assert missing.returncode == 2 and "config file not found: configs/imagenet64_biflow.py" in missing.stderr
+    typo = _bash(GPU, "--dry-run", "--config=configs/imagenet64.py:p2", "--workdir=/w", "--",
+                 "--config.training.batch_size=256")
+    assert typo.returncode == 2 and "biflow_jax.main" not in typo.stdout
+    assert "unknown config key 'training.batch_size'; did you mean 'train.batch_size'" in typo.stderr
+    # The example in the script's header, as written there.
+    header = GPU.read_text().split("# Example", 1)[1].split("set -euo pipefail")[0]
+    example = " ".join(line.lstrip("#").strip().rstrip("\\").strip() for line in header.splitlines()[1:]
+                       if line.strip("# "))
+    words = example.split()
+    assert words[0] == "launch/gpu_host.sh"
+    result = _bash(GPU, "--dry-run", *words[1:])
+    assert result.returncode == 0, result.stderr
+    assert "--config.train.batch_size=256" in result.stdout.strip().splitlines()[-1]
 
 
 def test_slurm_template_headers_and_dry_run():
@@ -207,6 +225,12 @@ def test_slurm_template_headers_and_dry_run():
 
     missing = _bash(SLURM, env=_clean_env())  # Not a dry run: CONFIG is required.
     assert missing.returncode == 2 and "CONFIG" in missing.stderr
+
+    # --dry-run, as the README says every launch script takes, is the same and never reaches main.
+    flag = _bash(SLURM, "--dry-run", "--config.seed=7",
+                 env=_clean_env(CONFIG="configs/c.py:big", WORKDIR="/shared/runs/x"))
+    assert flag.returncode == 0, flag.stderr
+    assert [l for l in flag.stdout.splitlines() if "srun" in l] == srun
 
 
 # ---------------------------------------------------------------------------
