@@ -5,8 +5,11 @@ this package, so JAX-only installs never touch torch.
 
 An export directory holds, per part, `{part}.safetensors` + `{part}_config.json`.
 `PARTS` says which PyTorch class rebuilds each part; the class must offer
-`from_config(config: dict) -> nn.Module` and a state_dict whose keys are the exported ones.
-The reverse model (BiFlow's G) plugs in here once `biflow_jax/torch/reverse.py` exists.
+`from_config(config: dict) -> nn.Module` and a state_dict whose keys are the exported ones:
+the forward flow (`tarflow.Model`) and, for an exported stage-2 run, BiFlow's reverse
+model G (`reverse.ReverseModel`). Neither clips its output: pixel images are clamped to
+[-1, 1] by the caller (the exact inverse of a flow trained on dequantised data can
+overshoot slightly), latent-space models return VAE latents.
 """
 
 from __future__ import annotations
