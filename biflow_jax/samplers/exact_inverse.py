@@ -129,6 +129,9 @@ def _validate(model: TARFlow, z: Array, y: Any, guidance: Guidance) -> None:
     _check_tokens(model, z)
     check_labels(model, y)
     check_guidance(model, guidance)
+    if guidance.active and model.num_classes and y is None and guidance.attn_temp == 1.0:
+        raise ValueError(f"guidance scale {guidance.scale} with labels=None on a class-conditional model: both "
+                         "branches would be the unconditional model; give labels, or attn_temp != 1")
     if y is not None and np.shape(y)[0] != z.shape[0]:
         raise ValueError(f"got {np.shape(y)[0]} labels for {z.shape[0]} noise samples")
 
@@ -177,25 +180,47 @@ def _in_block_order(x: Array, index: int) -> Array:
 # ---------------------------------------------------------------------------
 # Solvers: each inverts one block; the flow inverse runs them last block first.
 
-def _invert_block_cached(model, params, index, z, labels, temp, guidance):
+def prefix_segments(num_steps: int, segments: int = 0) -> list[tuple[int, int]]:
+    """Split decode steps 0..num_steps-1 into contiguous [start, stop) segments.
+
+    Step t attends to cache rows 0..t, so a segment ending at `stop` needs only the first
+    `stop` rows: a static prefix length per segment (one loop per segment). 0 picks
+    about one segment per 32 tokens, at most 8 (the attention reads ~(S+1)/2S of the cache).
+    """
+    if num_steps <= 0:
+        return []
+    if segments <= 0:
+        segments = min(8, max(1, (num_steps + 1) // 32))
+    segments = min(segments, num_steps)
+    bounds = np.linspace(0, num_steps, segments + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _invert_block_cached(model, params, index, z, labels, temp, guidance, cache_dtype=None, segments=0):
     z_perm = _in_block_order(z, index)
     n, num_tokens, _ = z_perm.shape
     batch = 2 * n if guidance.active else n
-    cache = model.apply(params, batch, method=TARFlow.init_caches)[index]
+    cache = model.apply(params, batch, cache_dtype, method=TARFlow.init_caches)[index]
 
-    def step(t, carry):
-        x, cache = carry
-        x_t = jax.lax.dynamic_index_in_dim(x, t, axis=1, keepdims=False)
-        a, b, cache = model.apply(params, index, _stack(x_t, guidance), t, cache, labels, temp,
-                                  method=TARFlow.block_decode_step)
-        a, b = _guided(a, b, n, guidance, guidance.weight(t + 1, num_tokens))
-        z_next = jax.lax.dynamic_index_in_dim(z_perm, t + 1, axis=1, keepdims=False)
-        x_next = z_next * jnp.exp(a) + b
-        x = jax.lax.dynamic_update_index_in_dim(x, x_next.astype(x.dtype), t + 1, axis=1)
-        return x, cache
+    def segment(prefix):
+        def step(t, carry):
+            x, cache = carry
+            x_t = jax.lax.dynamic_index_in_dim(x, t, axis=1, keepdims=False)
+            a, b, cache = model.apply(params, index, _stack(x_t, guidance), t, cache, labels, temp, prefix,
+                                      method=TARFlow.block_decode_step)
+            a, b = _guided(a, b, n, guidance, guidance.weight(t + 1, num_tokens))
+            z_next = jax.lax.dynamic_index_in_dim(z_perm, t + 1, axis=1, keepdims=False)
+            x_next = z_next * jnp.exp(a) + b
+            x = jax.lax.dynamic_update_index_in_dim(x, x_next.astype(x.dtype), t + 1, axis=1)
+            return x, cache
 
-    # Token 0 passes through (a = b = 0), so z_perm is already right there.
-    x, _ = jax.lax.fori_loop(0, num_tokens - 1, step, (z_perm, cache))
+        return step
+
+    # Token 0 passes through (a = b = 0), so z_perm is already right there. Steps t < stop
+    # attend to cache rows 0..t < stop: each segment reads a static-length prefix of the cache.
+    x = z_perm
+    for start, stop in prefix_segments(num_tokens - 1, segments):
+        x, cache = jax.lax.fori_loop(start, stop, segment(stop), (x, cache))
     return _in_block_order(x, index)
 
 
@@ -233,13 +258,15 @@ def _invert_block_jacobi(model, params, index, z, labels, temp, guidance, tol, m
     return _in_block_order(x, index), iters
 
 
-@functools.partial(jax.jit, static_argnames=("model", "guidance", "solver"))
-def _inverse_sequential(model, params, z, y, guidance, solver):
-    invert = _invert_block_cached if solver == "cached" else _invert_block_naive
+@functools.partial(jax.jit, static_argnames=("model", "guidance", "solver", "cache_dtype", "segments"))
+def _inverse_sequential(model, params, z, y, guidance, solver, cache_dtype=None, segments=0):
     labels, temp = _branch_inputs(y, z.shape[0], guidance)
     x = z.astype(_state_dtype(model))
     for index in reversed(range(model.num_blocks)):
-        x = invert(model, params, index, x, labels, temp, guidance)
+        if solver == "cached":
+            x = _invert_block_cached(model, params, index, x, labels, temp, guidance, cache_dtype, segments)
+        else:
+            x = _invert_block_naive(model, params, index, x, labels, temp, guidance)
     return x
 
 
@@ -253,11 +280,22 @@ def _inverse_jacobi(model, params, z, y, guidance, tol, max_iters):
     return x, jnp.stack(iters)
 
 
+def _cache_dtype(cache_dtype: Any) -> Any:
+    """None (the model's compute dtype) or a dtype name/object -> a hashable numpy dtype or None."""
+    return None if cache_dtype is None or cache_dtype == "" else jnp.dtype(cache_dtype)
+
+
 def inverse_cached(model: TARFlow, params: Any, z_tokens: Array, y: Array | None = None,
-                   guidance: Guidance = NO_GUIDANCE) -> Array:
-    """The exact inverse F^-1(z) with the KV cache: (N, T, D) noise -> (N, T, D) tokens, raster order."""
+                   guidance: Guidance = NO_GUIDANCE, cache_dtype: Any = None, segments: int = 0) -> Array:
+    """The exact inverse F^-1(z) with the KV cache: (N, T, D) noise -> (N, T, D) tokens, raster order.
+
+    cache_dtype: the KV cache's dtype (None: the model's compute dtype; bfloat16 halves the
+    cache traffic). segments: how many decode loops with a static cache prefix each
+    (`prefix_segments`; 0 = automatic, 1 = attend over the whole cache under a mask).
+    """
     _validate(model, z_tokens, y, guidance)
-    return _inverse_sequential(model, params, z_tokens, y, guidance, "cached")
+    return _inverse_sequential(model, params, z_tokens, y, guidance, "cached", _cache_dtype(cache_dtype),
+                               int(segments))
 
 
 def inverse_naive(model: TARFlow, params: Any, z_tokens: Array, y: Array | None = None,
@@ -323,12 +361,12 @@ def denoise(model: TARFlow, params: Any, x_images: Array, y: Array | None, sigma
 # Noise -> images.
 
 @functools.partial(jax.jit, static_argnames=("model", "guidance", "solver", "denoise_sigma",
-                                             "jacobi_tol", "jacobi_max_iters"))
-def _generate(model, params, z, y, guidance, solver, denoise_sigma, jacobi_tol, jacobi_max_iters):
+                                             "jacobi_tol", "jacobi_max_iters", "cache_dtype"))
+def _generate(model, params, z, y, guidance, solver, denoise_sigma, jacobi_tol, jacobi_max_iters, cache_dtype=None):
     if solver == "jacobi":
         tokens, _ = _inverse_jacobi(model, params, z, y, guidance, jacobi_tol, jacobi_max_iters)
     else:
-        tokens = _inverse_sequential(model, params, z, y, guidance, solver)
+        tokens = _inverse_sequential(model, params, z, y, guidance, solver, cache_dtype)
     images = tokens_to_images(model, tokens)
     if denoise_sigma > 0:
         images = _denoise(model, params, images, y, jnp.asarray(denoise_sigma, images.dtype))
@@ -337,21 +375,23 @@ def _generate(model, params, z, y, guidance, solver, denoise_sigma, jacobi_tol, 
 
 def generate(model: TARFlow, params: Any, z_tokens: Array, y: Array | None = None,
              guidance: Guidance = NO_GUIDANCE, solver: str = "cached", denoise_sigma: float = 0.0,
-             jacobi_tol: float = 1e-4, jacobi_max_iters: int = 0) -> Array:
+             jacobi_tol: float = 1e-4, jacobi_max_iters: int = 0, cache_dtype: Any = None) -> Array:
     """Given noise tokens -> (N, H, W, C) float images (unclipped), in one jitted call.
 
     Inputs may be sharded over devices along the batch axis; jit keeps that sharding.
+    `cache_dtype` (cached solver): the KV cache's dtype, None for the model's compute dtype.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     _validate(model, z_tokens, y, guidance)
     return _generate(model, params, z_tokens, y, guidance, solver, float(denoise_sigma),
-                     float(jacobi_tol), int(jacobi_max_iters) or model.num_tokens)
+                     float(jacobi_tol), int(jacobi_max_iters) or model.num_tokens, _cache_dtype(cache_dtype))
 
 
 def sample(model: TARFlow, params: Any, rng: Array, labels: Array | None = None, num: int | None = None,
            guidance: Guidance = NO_GUIDANCE, solver: str = "cached", noise_scale: float = 1.0,
-           denoise_sigma: float = 0.0, jacobi_tol: float = 1e-4, jacobi_max_iters: int = 0) -> Array:
+           denoise_sigma: float = 0.0, jacobi_tol: float = 1e-4, jacobi_max_iters: int = 0,
+           cache_dtype: Any = None) -> Array:
     """Draw z ~ N(0, noise_scale^2 I) and map it to (N, H, W, C) images in [-1, 1] (unclipped).
 
     `num` defaults to len(labels); labels None samples the class-mean (unconditional) model.
@@ -364,7 +404,8 @@ def sample(model: TARFlow, params: Any, rng: Array, labels: Array | None = None,
     if num is None:
         raise ValueError("sample() needs labels or num")
     z = noise_scale * jax.random.normal(rng, (num, model.num_tokens, model.token_dim), jnp.float32)
-    return generate(model, params, z, labels, guidance, solver, denoise_sigma, jacobi_tol, jacobi_max_iters)
+    return generate(model, params, z, labels, guidance, solver, denoise_sigma, jacobi_tol, jacobi_max_iters,
+                    cache_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -379,7 +420,8 @@ def encode(model: TARFlow, params: Any, x_images: Array, y: Array | None = None)
 
 
 __all__ = [
-    "Guidance", "NO_GUIDANCE", "SOLVERS", "check_labels", "check_guidance", "inverse_cached", "inverse_naive",
+    "Guidance", "NO_GUIDANCE", "SOLVERS", "check_labels", "prefix_segments", "check_guidance", "inverse_cached",
+    "inverse_naive",
     "inverse_jacobi", "tokens_to_images", "images_to_uint8", "log_likelihood", "denoise", "generate",
     "sample", "encode",
 ]

@@ -203,6 +203,8 @@ def test_bad_labels_and_guidance_are_rejected(flow, batch):
         exact_inverse.inverse_cached(unconditional, uparams, z, jnp.zeros(4, jnp.int32))
     with pytest.raises(ValueError, match="rule"):
         exact_inverse.Guidance(scale=1.0, rule="bogus")
+    with pytest.raises(ValueError, match="labels=None on a class-conditional model"):  # a silent no-op before
+        exact_inverse.inverse_cached(model, params, z, None, exact_inverse.Guidance(scale=1.0))
 
 
 def install_fake_load_flow(monkeypatch, load_flow):
