@@ -128,7 +128,8 @@ def test_cli_reports_unknown_config_key_and_bad_values(tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: unknown config key 'train.no_such_key'; did you mean "), lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: unknown config key 'train.no_such_key'; did you mean "), lines
     assert "'train.noise'" in lines[0]
     out = subprocess.run(main_cmd(workdir, "--config.model.patch_size=3"), cwd=REPO, capture_output=True,
                          text=True, timeout=120)

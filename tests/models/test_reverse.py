@@ -163,7 +163,7 @@ def test_rms_normalize_gives_unit_rms():
 def test_adaptive_weight_passes_no_gradient_through_its_weight():
     d = jnp.array([0.0, 0.003, 0.5, 2.0, 40.0])
     for p, c in [(1.0, 0.01), (0.5, 0.1)]:
-        grad = jax.grad(lambda v: jnp.sum(obj.adaptive_weight(v, p, c)))(d)
+        grad = jax.grad(lambda v, p=p, c=c: jnp.sum(obj.adaptive_weight(v, p, c)))(d)
         np.testing.assert_allclose(grad, (d + c) ** -p, rtol=1e-6)
         np.testing.assert_allclose(obj.adaptive_weight(d, p, c), d * (d + c) ** -p, rtol=1e-6)
 

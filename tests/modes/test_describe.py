@@ -5,11 +5,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 from test_configs import CONFIG_FILES, VARIANTS
 
 from biflow_jax import config_files
 from biflow_jax.modes import describe
-from conftest import REPO
 
 CASES = [(name, arg) for name in CONFIG_FILES for arg in VARIANTS.get(name, [""])]
 
