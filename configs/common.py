@@ -11,7 +11,7 @@ An experiment file calls `base()` and overrides what differs. Sections:
   evals     stage 1's evaluators, by name -> {every: steps (0 = at the end only), ...}; `fid`
             (every -1: not in training) also holds `--mode=eval`'s FID-50K settings
   biflow    stage 2 (BiFlow, arXiv:2512.10953): flow_init, G's `model` (a variant string +
-            overrides), the objective, and its own train / optim / evals sections
+            overrides), the objective, its perceptual terms, and its own train / optim / evals sections
   sample    exact-inverse sampling settings (guidance, solver, denoising)
   latent    VAE latent space (data.name='latents'), off unless enabled
   parallel  jit | pmap backend, fsdp
@@ -102,12 +102,30 @@ def fid(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(fields)
 
 
+def perceptual(lpips: float = 0.0, convnext: float = 0.0, dino: float = 0.0, **overrides) -> ml_collections.ConfigDict:
+    """Stage 2's perceptual terms on G's final image (BiFlow, arXiv:2512.10953); a weight of 0 turns one off.
+
+    lpips: VGG16 trunk (a torchvision vgg16 state_dict, `vgg16_path`) + the lpips package's
+    calibration (`lin_path`; '' = the copy shipped in the installed lpips package).
+    convnext: a save_pretrained directory of facebook/convnextv2-base-22k-224 (`path`).
+    dino: a DINOv2 directory or torch-hub .pth (`path`; `size` only for .pth files).
+    Each enabled term's file must exist or stage 2 stops at start naming it. Paired
+    random-resized crops (`crop_scale` of the area, `crop_ratio` aspect) resized to `crop_size`
+    px; `remat` recomputes the networks' activations in the backward pass.
+    """
+    fields = dict(lpips=dict(weight=lpips, vgg16_path="", lin_path=""), convnext=dict(weight=convnext, path=""),
+                  dino=dict(weight=dino, path="", size="vitb14"), crop_size=224, crop_scale=(0.08, 1.0),
+                  crop_ratio=(3 / 4, 4 / 3), remat=False, dtype="float32")
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
 def biflow(**overrides) -> ml_collections.ConfigDict:
     """Stage 2. flow_init: the stage-1 workdir G inverts ('' in the two-stage job: WORKDIR/forward)."""
     c = ml_collections.ConfigDict(dict(
         flow_init="", model=reverse_model("tiny"), objective="hidden_alignment", adaptive=True, adaptive_p=1.0,
         adaptive_c=0.01, cfg_training=True, w_min=0.0, w_max=3.0, guidance=1.0, label_drop=0.1,
-        train=loop(steps=1500), optim=optim(lr=1e-3),
+        train=loop(steps=1500), optim=optim(lr=1e-3), perceptual=perceptual(),
         evals=dict(reconstruction=dict(every=1000), fid=fid())))
     for key, value in overrides.items():  # whole sections are replaced, not merged
         c[key] = value

@@ -4,6 +4,14 @@
 Needs `--config.data.data_dir` holding a prepared TFDS `downsampled_imagenet/64x64`.
 Runs stage 1 by default; its `biflow` section is a real stage 2 (BiFlow-B/2-sized G over
 the flow's 1000 classes): `--config.stage=biflow --config.biflow.flow_init=STAGE1_DIR`.
+
+BiFlow (arXiv:2512.10953) settings on both stages: the forward flow's log-scales are soft-clipped
+(`model.clip=4`, STARFlow's norm control, arXiv:2506.06276), and stage 2 adds LPIPS (0.4) and
+ConvNeXt-V2 (0.1) on G's final image. Their weights files are not shipped, so stage 2 stops at
+start naming each one until given: `--config.biflow.perceptual.lpips.vgg16_path=` a torchvision
+vgg16 state_dict (vgg16-397923af.pth; the LPIPS calibration comes from the installed lpips
+package) and `--config.biflow.perceptual.convnext.path=` a save_pretrained directory of
+facebook/convnextv2-base-22k-224 (or `...lpips.weight=0` / `...convnext.weight=0` to go without).
 """
 
 import ml_collections
@@ -21,7 +29,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data = common.data(name="downsampled_imagenet/64x64", image_size=64, channels=3, num_classes=1000,
                          random_flip=True)
     c.model = common.flow_model(img_size=64, in_channels=3, patch_size=patch, channels=width, num_blocks=8,
-                                layers_per_block=8, num_classes=1000, dtype="bfloat16")
+                                layers_per_block=8, num_classes=1000, dtype="bfloat16", clip=4.0)
     c.train = common.flow_train(batch_size=256, eval_batch_size=256, steps=300 * STEPS_PER_EPOCH, noise="gaussian",
                                 noise_std=0.05, ema_decay=0.9999, eval_every=10 * STEPS_PER_EPOCH,
                                 checkpoint_every=5000, keep_checkpoints=3)
@@ -32,6 +40,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.evals = ml_collections.ConfigDict(dict(bpd=dict(every=10 * STEPS_PER_EPOCH), fid=common.fid(guidance=1.7, **fid)))
     c.biflow = common.biflow(
         model=common.reverse_model("B/2", dtype="bfloat16"),
+        perceptual=common.perceptual(lpips=0.4, convnext=0.1),
         train=common.loop(batch_size=256, eval_batch_size=256, steps=160 * STEPS_PER_EPOCH, ema_decay=0.9999,
                           eval_every=10 * STEPS_PER_EPOCH, checkpoint_every=5000, keep_checkpoints=3),
         optim=common.optim(lr=1e-4, init_lr=1e-6, end_lr=1e-6, warmup_steps=STEPS_PER_EPOCH, grad_clip=0.0),
