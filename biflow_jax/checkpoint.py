@@ -12,7 +12,9 @@ saving leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable
@@ -115,6 +117,10 @@ def reason(err: BaseException) -> str:
             messages.append(str(err).strip())
         err = err.__cause__ or err.__context__
     text = " ".join(messages[-1].split()) if messages else "unknown error"
+    text = re.sub(r" ?\[tensorstore_spec='.*?'\]", "", text)
+    os_error = re.search(r":\s*([^:\[\]]+?) \[os_error_code='?\d+'?\]", text)  # TensorStore's OS errors
+    if os_error:
+        text = f"{os_error.group(1)}: {text[:text.index(os_error.group(0))]}"
     return text if len(text) <= 400 else text[:400] + "..."
 
 
@@ -157,13 +163,17 @@ def quiet_background_errors() -> None:
     _quieted = True
     unraisable, thread_hook, except_hook = sys.unraisablehook, threading.excepthook, sys.excepthook
 
-    def orphaned(exc: BaseException | None, obj: Any = None) -> bool:
-        text = f"{exc} {obj!r}"
-        return "Event loop is closed" in text or "reading array index" in text or "_read_array_index" in text
+    def orphaned(exc: BaseException | None, obj: Any = None) -> bool:  # also called at interpreter exit
+        code = getattr(obj, "cr_code", None)  # an Orbax coroutine garbage-collected after the failure
+        text = f"{exc} {getattr(code, 'co_filename', '')}"
+        return "Event loop is closed" in text or "orbax" in text or "reading array index" in text
 
     sys.unraisablehook = lambda u: None if orphaned(u.exc_value, u.object) else unraisable(u)
     threading.excepthook = lambda a: None if orphaned(a.exc_value) else thread_hook(a)
     sys.excepthook = lambda t, v, tb: None if orphaned(v) else except_hook(t, v, tb)
+    std_logging.getLogger("asyncio").addFilter(  # 'Task exception was never retrieved' of Orbax's other writes
+        lambda r: not ("never retrieved" in r.getMessage() and ("orbax" in r.getMessage()
+                                                                or "OCDBT" in r.getMessage())))
     logging.get_absl_logger().addFilter(  # Orbax's error log of a failed background save or read
         lambda r: not (f"{os.sep}orbax{os.sep}" in r.pathname and r.levelno >= logging.converter.STANDARD_ERROR))
 
