@@ -135,7 +135,7 @@ def run_sample(workdir: str, sampler: str | None = None, num_images: int | None 
     # Sampling settings come from the given config; the training noise from the run's own config.
     config = config if config is not None else run.config
     settings = sample_settings(config)
-    num_images = int(num_images or settings["num_images"])
+    num_images = int(settings["num_images"] if num_images is None else num_images)
     if num_images <= 0:
         raise ConfigError(f"--num_images={num_images} must be positive")
 

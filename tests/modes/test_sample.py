@@ -81,3 +81,5 @@ def test_guidance_needs_a_g_trained_for_it_and_biflow_needs_a_stage_2_run(job_di
         sample.run_sample(os.path.join(job_dir, "forward"), sampler="biflow")
     with pytest.raises(ConfigError, match="--sampler"):
         sample.run_sample(job_dir, sampler="ddim")
+    with pytest.raises(ConfigError, match="--num_images=0"):
+        sample.run_sample(job_dir, sampler="biflow", num_images=0)
