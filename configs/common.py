@@ -91,7 +91,7 @@ def fid(**overrides) -> ml_collections.ConfigDict:
     Read by the `fid` evaluator during training (`every` steps; 0 = at the end; -1 = never) on
     `train_samples` samples, and by `--mode=eval` on `num_samples`. reference: an ADM-format
     reference batch .npz (`reference_name`: the published file the config expects, named when
-    it is missing; make others with `python -m biflow_jax.evaluators.ref_stats`). inception:
+    it is missing; make others with the evaluators' ref_stats module). inception:
     pytorch-fid's pt_inception-2015-12-05-6726825d.pth; `random_inception` is for tests and the
     digits only. guidance None: sample.guidance (exact) or biflow.guidance (BiFlow, if CFG-trained).
     """
