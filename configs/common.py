@@ -137,7 +137,7 @@ def latent(**overrides) -> ml_collections.ConfigDict:
 
     vae_path: a diffusers AutoencoderKL directory (e.g. one saved from stabilityai/sd-vae-ft-ema);
     scale / shift map its posterior to the flow's input, (z - shift) * scale. `source` is the
-    image dataset `python -m biflow_jax.data.latents` encodes (ADM centre crop to
+    image dataset the package's `data.latents` module encodes (ADM centre crop to
     source.image_size, image and flip) into data.folder, with data.name='latents'.
     """
     fields = dict(enabled=False, vae_path="", scale=0.18215, shift=0.0, vae_dtype="float32", decode_batch=64,

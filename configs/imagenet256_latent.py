@@ -2,10 +2,11 @@
 
 The flow and G work on 32x32x4 latents of stabilityai/sd-vae-ft-ema (scale 0.18215),
 patch 2: 256 tokens of 16 dims. Two steps:
-  1. encode the images once (ADM centre crop to 256, image and flip, posterior mean/std):
-     python -m biflow_jax.data.latents --config=configs/imagenet256_latent.py:b2 \
-       --config.latent.vae_path=VAE_DIR --config.latent.source.data_dir=TFDS_DIR --out=LATENTS
-  2. train: python -m biflow_jax.main --config=configs/imagenet256_latent.py:b2 --workdir=W \
+  1. encode the images once (ADM centre crop to 256, image and flip, posterior mean/std) with
+     the package's `data.latents` module (`python -m <package>.data.latents`, same config):
+       --config=configs/imagenet256_latent.py:b2 --config.latent.vae_path=VAE_DIR \
+       --config.latent.source.data_dir=TFDS_DIR --out=LATENTS
+  2. train with the package's `main` as for any config, adding
        --config.latent.vae_path=VAE_DIR --config.data.folder=LATENTS
 VAE_DIR is a diffusers AutoencoderKL directory (e.g. stabilityai/sd-vae-ft-ema saved with
 save_pretrained); nothing is downloaded. Samples and grids are decoded through it.

@@ -201,6 +201,20 @@ def _encode_range(encoder: Any, params: Any, examples: Iterator[tuple[np.ndarray
     return np.concatenate(means), np.concatenate(stds), np.asarray(labels, np.int64)
 
 
+def _remove_stale_partials(out: str) -> None:
+    """Delete half-written shards (NAME.tmp-PID) whose writer is no longer alive on this host (a killed run)."""
+    for name in os.listdir(out):
+        stem, _, pid = name.rpartition(".tmp-")
+        if not stem or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            os.remove(os.path.join(out, name))
+        except PermissionError:
+            pass  # alive, another user's
+
+
 def plan(config: Any, vae_cfg: Any, splits: list[str]) -> dict[str, Any]:
     """The metadata of the dataset `encode` writes (everything but the shards)."""
     latent, source = config.latent, config.latent.source
@@ -257,6 +271,7 @@ def encode(config: Any, out: str, splits: list[str] | None = None, progress: boo
     else:
         _write_json(meta_path, meta)
 
+    _remove_stale_partials(out)
     params = jax.device_put(params)
     encoder = make_encoder(vae_cfg)
     batch = int(latent.get("encode_batch", 64))
