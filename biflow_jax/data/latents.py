@@ -168,7 +168,8 @@ def _write_shard(path: str, mean: np.ndarray, std: np.ndarray, labels: np.ndarra
             feature = {"mean": tf.train.Feature(bytes_list=tf.train.BytesList(value=[m.tobytes()])),
                        "std": tf.train.Feature(bytes_list=tf.train.BytesList(value=[s.tobytes()])),
                        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(y)]))}
-            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+            example = tf.train.Example(features=tf.train.Features(feature=feature))
+            writer.write(example.SerializeToString(deterministic=True))  # map order fixed: identical bytes
     os.replace(tmp, path)
 
 
