@@ -1,4 +1,4 @@
-"""R-REPA on ImageNet-64 (arXiv:2604.01413): configs/imagenet64.py plus DINOv2-B alignment.
+"""R-REPA on ImageNet-64 (arXiv:2511.22345): configs/imagenet64.py plus DINOv2-B alignment.
 
 Paper settings: DINOv2 ViT-B/14 on the clean image at 224 (16x16 patches), blocks 7 & 8
 (1-indexed forward order), layer 6, lambda 0.1, reverse gradient, projector hidden 1024.

@@ -1,4 +1,4 @@
-"""`--mode=classify`: a stage-1 flow as a classifier (R-REPA, arXiv:2604.01413, sec. 5).
+"""`--mode=classify`: a stage-1 flow as a classifier (R-REPA, arXiv:2511.22345, sec. 5).
 
 Training-free top-1 (one backward pass through the class embedding) on dequantised and
 clean test images, and a ridge linear probe on pooled hidden states.

@@ -6,7 +6,7 @@ untrained networks the loss reads (a DINOv2 teacher, stage 2's forward flow), wh
 the jitted step as arguments rather than as constants compiled into it.
 
 - `flow`   stage 1, maximum likelihood of TARFlow (arXiv:2412.06329)
-- `rrepa`  stage 1 with R-REPA's reverse alignment to DINOv2 (arXiv:2604.01413)
+- `rrepa`  stage 1 with R-REPA's reverse alignment to DINOv2 (arXiv:2511.22345)
 - `biflow` stage 2, BiFlow's learned reverse model G (arXiv:2512.10953)
 """
 
