@@ -21,6 +21,7 @@ All functions are pure and jit-friendly; static options are keyword arguments.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,7 +36,7 @@ from biflow_jax.errors import ConfigError, require
 from biflow_jax.models import registry
 from biflow_jax.models.reverse import ReverseViT
 from biflow_jax.models.tarflow import TARFlow, patchify
-from biflow_jax.objectives import Objective
+from biflow_jax.objectives import Objective, perceptual
 from biflow_jax.objectives.flow import flow_inputs
 from biflow_jax.sharding import example_keys
 
@@ -202,6 +203,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require(0.0 <= b.w_min <= b.w_max, f"biflow.w_min={b.w_min} / w_max={b.w_max} must satisfy 0 <= min <= max")
     require(0.0 <= b.label_drop < 1.0, f"biflow.label_drop={b.label_drop} must be in [0, 1)")
     registry.reverse_fields(b.model)
+    if "perceptual" in b:
+        perceptual.validate(b.perceptual)  # every missing weights file, named, before anything is written
     validate_loop(b.train, b.optim, "biflow.train")
     validate_parallel(config)
 
@@ -225,11 +228,16 @@ def init_reverse(reverse: ReverseViT, flow: TARFlow, rng: jax.Array) -> Any:
     return reverse.init(rng, *registry.reverse_example_inputs(flow))
 
 
-def make(config: ml_collections.ConfigDict, flow_run: Any) -> Objective:
+def make(config: ml_collections.ConfigDict, flow_run: Any, image_fn: perceptual.ImageFn | None = None,
+         perceptual_terms: tuple[perceptual.PerceptualLoss, Any] | None = None) -> Objective:
     """Hidden alignment + learned denoising (+ training-time CFG) against `flow_run`.
 
     flow_run: the frozen stage-1 run (`.model`, `.params`, `.config`, `.workdir`; biflow_jax.runs).
     The noise that makes x~ is the flow's own training noise (its config's train section).
+    With `biflow.perceptual` terms on, they compare `image_fn(G's final tokens, frozen)` with
+    the clean image; `image_fn` defaults to unpatchify (pixel space) and the networks' params
+    travel in `frozen['perceptual']`. `perceptual_terms`: a built (loss, params) used instead
+    of reading the config's weights files (benchmarks with random networks).
     """
     b = config.biflow
     flow, flow_config = flow_run.model, flow_run.config
@@ -238,8 +246,19 @@ def make(config: ml_collections.ConfigDict, flow_run: Any) -> Objective:
     loss_terms = OBJECTIVES[b.objective]
     noise = ml_collections.ConfigDict(dict(noise=flow_config.train.noise, noise_std=flow_config.train.noise_std,
                                            label_drop=b.label_drop))
-
+    weighting = functools.partial(adaptive_weight, p=b.adaptive_p, c=b.adaptive_c) if b.adaptive else None
+    built = perceptual_terms or (perceptual.build(b.perceptual, weighting) if "perceptual" in b else None)
+    data = config.data
     latent = config.get("latent") if latent_space.enabled(config) else None
+    decoder = latent_space.load_decoder(config) if latent is not None and built is not None else None
+    if decoder is not None:  # perceptual terms compare VAE-decoded images
+        image_fn = image_fn or latent_space.token_image_fn(decoder, flow.patch_size, data.image_size, data.channels)
+    image_fn = image_fn or perceptual.pixel_image_fn(flow.patch_size, data.image_size, data.image_size, data.channels)
+    frozen = {"flow": flow_run.params}
+    if decoder is not None:
+        frozen["vae"] = decoder.params
+    if built is not None:
+        frozen["perceptual"] = built[1]
 
     def loss(params, batch, rng, index, frozen):
         keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(rng, index))
@@ -260,11 +279,18 @@ def make(config: ml_collections.ConfigDict, flow_run: Any) -> Objective:
         terms = loss_terms(stages, trajectory, clean, final_target="clean", adaptive=b.adaptive,
                            p=b.adaptive_p, c=b.adaptive_c)
         metrics = {k.replace("/", "_"): v for k, v in terms.items() if k != "total"}
-        metrics["loss"] = terms["total"]
-        return terms["total"], metrics
+        total = terms["total"]
+        if built is not None:
+            crop_keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(example_keys(rng, index))
+            real = decoder.decode(frozen["vae"], clean_x) if decoder is not None else clean_x
+            extra, extra_metrics = built[0](frozen["perceptual"], image_fn(stages[-1], frozen), real, crop_keys)
+            total = total + extra
+            metrics.update(extra_metrics)
+        metrics["loss"] = total
+        return total, metrics
 
     require(not b.cfg_training or flow.num_classes > 0,
             "biflow.cfg_training needs a class-conditional flow (model.num_classes > 0)")
     return Objective(name="biflow", init=lambda rng: init_reverse(reverse, flow, rng), loss=loss,
-                     flow_params=lambda params: None, frozen={"flow": flow_run.params},
+                     flow_params=lambda params: None, frozen=frozen,
                      same_run_keys=SAME_RUN_KEYS)
