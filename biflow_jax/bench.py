@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biflow_jax import bench_vae
+from biflow_jax import bench_perceptual, bench_vae
 from biflow_jax.models.reverse import ReverseViT
 from biflow_jax.models.tarflow import TARFlow, count_params
 from biflow_jax.samplers import exact_inverse
@@ -643,6 +643,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "versus_torch": Subcommand(add_versus_args, bench_versus_torch,
                                "train step and exact inverse: ours vs ml-tarflow's PyTorch Model (--reference)"),
     "vae": Subcommand(bench_vae.add_vae_args, bench_vae.bench_vae, "VAE decode ms/image (latent-space sampling)"),
+    "biflow_train": Subcommand(bench_perceptual.add_biflow_train_args, bench_perceptual.bench_biflow_train,
+                               "stage-2 train step with / without the perceptual terms (LPIPS, ConvNeXt-V2)"),
 }
 
 
