@@ -17,7 +17,9 @@ Variants:
          8 blocks x 2 layers at width 768 (12 heads of 64), soft clip 4 (STARFlow's norm
          control, arXiv:2506.06276), latent noise 0.3 (STARFlow; the papers quote 0.2-0.3).
          160 epochs for each stage (the length of BiFlow's ablations), batch 256, AdamW
-         (0.9, 0.95), lr 1e-4 with a one-epoch warmup, EMA 0.9999.
+         (0.9, 0.95), lr 1e-4 with a one-epoch warmup, EMA 0.9999. Stage 2 adds LPIPS (0.4) and
+         ConvNeXt-V2 (0.1) on the VAE-decoded final image (the paper's 2.39-FID recipe); their
+         weights files are named by --config.biflow.perceptual.{lpips.vgg16_path,convnext.path}.
   xl2    iTARFlow-XL/2 (~690M; our layout: 6 blocks x 7 layers at width 1152 (DiT-XL's), 18 heads of 64).
   rrepa  R-REPA's latent TARFlow: 8 blocks x 8 layers at width 768 (its ImageNet-64 layout;
          the latent model's width is our choice), noise 0.2, DINOv2-B alignment at blocks
@@ -55,6 +57,7 @@ def latent_imagenet() -> ml_collections.ConfigDict:
     c.evals = ml_collections.ConfigDict()  # bits/dim of 8-bit pixels has no meaning for latents
     c.biflow = common.biflow(
         model=common.reverse_model("B/2", dtype="bfloat16"),
+        perceptual=common.perceptual(lpips=0.4, convnext=0.1),
         train=common.loop(batch_size=256, eval_batch_size=256, steps=160 * STEPS_PER_EPOCH, ema_decay=0.9999,
                           log_every=500, eval_every=10 * STEPS_PER_EPOCH, checkpoint_every=5000, keep_checkpoints=3),
         optim=common.optim(lr=1e-4, init_lr=1e-6, end_lr=1e-6, warmup_steps=STEPS_PER_EPOCH, grad_clip=0.0),
