@@ -296,7 +296,8 @@ def validate(section: ml_collections.ConfigDict) -> None:
             f"biflow.perceptual.crop_scale={tuple(section.crop_scale)} must satisfy 0 < lo <= hi <= 1")
     lo, hi = section.crop_ratio
     require(0 < lo <= hi, f"biflow.perceptual.crop_ratio={tuple(section.crop_ratio)} must satisfy 0 < lo <= hi")
-    require(int(section.crop_size) >= 16, f"biflow.perceptual.crop_size={section.crop_size} must be >= 16 px")
+    require(int(section.crop_size) >= 32, f"biflow.perceptual.crop_size={section.crop_size} must be >= 32 px "
+            "(ConvNeXt's patchify and three 2x downsamplings need 32)")
     require(section.dtype in DTYPES, f"biflow.perceptual.dtype={section.dtype!r} must be one of {sorted(DTYPES)}")
     check_files(section)
 
