@@ -121,12 +121,17 @@ def lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
     return value
 
 
+OFF_VALUES = (False, None, "none", "", 0, 0.0, [], ())
+
+
 def check_same_run(workdir: str, config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
     """A workdir holding a run whose config differs in any of `keys` is refused."""
-    saved = checkpoint.read_config(workdir)
+    saved = runs.read_config(workdir)
     diffs = []
     for key in keys:
         diffs += checkpoint.section_differences({key: lookup(saved, key)}, {key: lookup(config, key)}, "")
+    # An option added since the run was saved is no difference while it keeps its "off" value.
+    diffs = [d for d in diffs if not any(d.endswith(f"'<absent>' -> {off!r}") for off in OFF_VALUES)]
     if diffs:
         raise ValueError(f"workdir {workdir!r} holds a run of another configuration: " + "; ".join(diffs))
 

@@ -1,0 +1,23 @@
+"""Resuming a run saved before a config option existed: off-valued new options are no difference."""
+
+import pytest
+from conftest import quick_config
+
+from biflow_jax import checkpoint, trainer
+
+
+def test_new_option_at_its_off_value_resumes_but_a_real_change_is_refused(tmp_path):
+    saved = quick_config("flow", 10)
+    with saved.unlocked():
+        del saved.model["scan_layers"]  # as written before the option existed
+        del saved.model["remat"]
+    checkpoint.write_config(str(tmp_path), saved)
+    current = quick_config("flow", 10)
+    trainer.check_same_run(str(tmp_path), current, ("model", "data.name"))  # scan off, remat 'none': fine
+    current.model.remat = "full"
+    with pytest.raises(ValueError, match=r"model.remat: '<absent>' -> 'full'"):
+        trainer.check_same_run(str(tmp_path), current, ("model", "data.name"))
+    current.model.remat = "none"
+    current.model.channels = 32
+    with pytest.raises(ValueError, match=r"model.channels: 64 -> 32"):
+        trainer.check_same_run(str(tmp_path), current, ("model", "data.name"))
