@@ -124,6 +124,9 @@ def reason(err: BaseException) -> str:
     return text if len(text) <= 400 else text[:400] + "..."
 
 
+MISFIT_MESSAGES = ("do not match", "mismatch", "does not match")  # Orbax's words for a tree/shape misfit
+
+
 def restore_newest_readable(mngr: ocp.CheckpointManager, read: Callable[[int], Any], where: str,
                             on_damaged: str = "fallback", then: str = "") -> tuple[int, Any]:
     """(step, read(step)) for the newest step that reads, newest first. A step that fails is named in one
@@ -139,6 +142,11 @@ def restore_newest_readable(mngr: ocp.CheckpointManager, read: Callable[[int], A
             return step, read(step)
         except Exception as err:  # noqa: BLE001  a damaged step raises whatever Orbax/TensorStore/json raise
             why = reason(err)
+            if "sync_global_devices" in why:  # processes out of step (a barrier), not a damaged step
+                raise
+            if any(m in why.lower() for m in MISFIT_MESSAGES):  # intact, but not this config's trees
+                raise CheckpointError(f"checkpoint step {step} of {where} does not fit this run's config "
+                                      f"({why})") from None
             damaged.append(step)
             if on_damaged == "stop":
                 raise CheckpointError(f"checkpoint step {step} of {where} is damaged ({why}); delete "

@@ -5,8 +5,10 @@ The file is held with an advisory `flock` for the life of the run, so a run kill
 SIGKILL frees it: a lock left by a dead process on this host is taken over with a
 warning. A lock from another host is stale only when its owner stopped refreshing it
 (HEARTBEAT_S) for STALE_AFTER_S, since that host's processes cannot be checked from here.
-Only process 0 holds it; the other processes learn the outcome from it. Re-entrant within
-a process (the job takes it, then each stage's loop).
+Only process 0 holds it, without a collective (process 0 alone may be inside Orbax's
+barriers at that moment, e.g. sampling after a stage): when it stops on a busy workdir, the
+other processes stop with it, as with any failure of process 0 (its coordination service
+goes away). Re-entrant within a process (the job takes it, then each stage's loop).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import time
 from collections.abc import Iterator
 
 import jax
-import numpy as np
 from absl import logging
 
 from biflow_jax.errors import WorkdirBusyError
@@ -112,16 +113,6 @@ def _heartbeat(path: str, stop: threading.Event) -> None:
             os.utime(path)
 
 
-def _agree(ok: bool, workdir: str) -> None:
-    """Every process stops when process 0 could not take the lock (multi-process runs only)."""
-    if jax.process_count() == 1:
-        return
-    from jax.experimental import multihost_utils
-
-    if not bool(multihost_utils.broadcast_one_to_all(np.int32(ok))):
-        raise WorkdirBusyError(f"workdir {workdir!r} is in use by another run (process 0 could not lock it)")
-
-
 @contextlib.contextmanager
 def hold(workdir: str, command: str = "") -> Iterator[None]:
     """Own `workdir` (created if needed) for the block; WorkdirBusyError if another live run owns it."""
@@ -136,12 +127,7 @@ def hold(workdir: str, command: str = "") -> Iterator[None]:
     fd, created = None, not os.path.exists(workdir)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        try:
-            fd = _take(workdir, command or " ".join(sys.argv)[:300])
-        except WorkdirBusyError:
-            _agree(False, workdir)
-            raise
-    _agree(True, workdir)
+        fd = _take(workdir, command or " ".join(sys.argv)[:300])
     stop = threading.Event()
     if fd is not None:
         threading.Thread(target=_heartbeat, args=(os.path.join(workdir, LOCK_FILE), stop), daemon=True).start()
