@@ -56,6 +56,21 @@ def time_call(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median wall seconds of each fn over `repeats` rounds, all fns once per round (after one
+    untimed, compiling call each), in a fresh random order each round."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    order = np.random.default_rng(0)
+    for _ in range(repeats):
+        for name in order.permutation(list(fns)):
+            start = time.perf_counter()
+            jax.block_until_ready(fns[str(name)]())
+            times[str(name)].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
     for n, row in enumerate(rows):
@@ -89,6 +104,11 @@ def add_sample_args(parser: argparse.ArgumentParser) -> None:
                         help="b2: the paper's B/2 sizes (forward ~113M: width 768, 8x2; G: B/2 ~130M), "
                              "256 latent tokens of 16 dims, bfloat16, batch 256 (for a GPU/TPU)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache_dtype", default="", choices=["", "float32", "bfloat16"],
+                        help="KV-cache dtype of the cached inverse ('' = the compute dtype)")
+    parser.add_argument("--segments", type=int, default=0,
+                        help="cached decode loops with a static cache prefix (0: automatic, 1: whole cache)")
+    parser.add_argument("--peak_tflops", type=float, default=0.0, help="peak TFLOP/s per device for MFU")
     parser.add_argument("--naive_repeats", type=int, default=1, help="the naive inverse is slow; 0 skips it")
     parser.add_argument("--jacobi_repeats", type=int, default=-1, help="-1: as --repeats; 0 skips Jacobi")
     parser.add_argument("--seed", type=int, default=0)
@@ -131,8 +151,23 @@ def bench_sample(args: argparse.Namespace) -> dict:
     rparams = reverse.init(rev_rng, z[:1], None if labels is None else labels[:1], jnp.zeros((1,)))
     one_nfe = jax.jit(lambda zz: reverse.apply(rparams, zz, labels, None).image_tokens)
 
-    cached_s = time_call(lambda: exact_inverse.inverse_cached(model, params, z, labels, guidance), args.repeats)
-    biflow_s = time_call(lambda: one_nfe(z), args.repeats)
+    cache_dtype = args.cache_dtype or None
+
+    def cached():
+        return exact_inverse.inverse_cached(model, params, z, labels, guidance, cache_dtype=cache_dtype,
+                                            segments=args.segments)
+
+    # The two headline solvers in interleaved rounds, so machine noise hits both alike.
+    pair = interleaved_medians({"cached": cached, "biflow": lambda: one_nfe(z)}, args.repeats)
+    cached_s, biflow_s = pair["cached"], pair["biflow"]
+    # Model FLOPs (XLA cost analysis): the exact inverse computes what one forward pass does;
+    # G's pass has no loop, so its count is exact.
+    forward_flops = compiled_flops(jax.jit(lambda p, x, y: model.apply(p, x, y).z), params,
+                                   jnp.zeros((args.batch, img, img, args.in_channels)), labels)
+    if guidance.active:
+        forward_flops *= 2
+    biflow_flops = compiled_flops(one_nfe, z)
+    peak = peak_flops(args.dtype, args.peak_tflops)
     jacobi_repeats = args.repeats if args.jacobi_repeats < 0 else args.jacobi_repeats
     jacobi_s = (time_call(lambda: exact_inverse.inverse_jacobi(model, params, z, labels, guidance, args.jacobi_tol),
                           jacobi_repeats) if jacobi_repeats else math.nan)
@@ -157,6 +192,9 @@ def bench_sample(args: argparse.Namespace) -> dict:
         "jacobi_images_per_s": args.batch / jacobi_s,
         "jacobi_iters": [int(k) for k in np.asarray(iters)],
         "cached_over_naive": naive_s / cached_s,
+        "cache_dtype": args.cache_dtype or args.dtype, "segments": args.segments,
+        **throughput_fields("cached", forward_flops, cached_s, peak),
+        **throughput_fields("biflow", biflow_flops, biflow_s, peak),
     }
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; {args.tokens} tokens of "
           f"{model.token_dim} dims, {args.blocks} blocks x {args.layers} layers, width {args.channels}, "
@@ -164,12 +202,15 @@ def bench_sample(args: argparse.Namespace) -> dict:
           f"BiFlow G: depth {reverse.depth}, width {reverse.width}, {reverse_params:,} params "
           f"({reverse_params / flow_params:.2f}x the flow)")
     print_table([
-        ("solver", "s/batch", "images/s", "vs cached"),
-        ("biflow 1-NFE", f"{biflow_s:.4f}", f"{args.batch / biflow_s:.1f}", f"{cached_s / biflow_s:.1f}x"),
-        ("cached", f"{cached_s:.4f}", f"{args.batch / cached_s:.1f}", "1.0x"),
-        ("jacobi", f"{jacobi_s:.4f}", f"{args.batch / jacobi_s:.1f}", f"{cached_s / jacobi_s:.2f}x"),
-        ("naive", f"{naive_s:.4f}", f"{args.batch / naive_s:.2f}", f"{cached_s / naive_s:.3f}x"),
+        ("solver", "s/batch", "images/s", "vs cached", "model FLOP/s"),
+        ("biflow 1-NFE", f"{biflow_s:.4f}", f"{args.batch / biflow_s:.1f}", f"{cached_s / biflow_s:.1f}x",
+         fmt_flops(biflow_flops / biflow_s)),
+        ("cached", f"{cached_s:.4f}", f"{args.batch / cached_s:.1f}", "1.0x", fmt_flops(forward_flops / cached_s)),
+        ("jacobi", f"{jacobi_s:.4f}", f"{args.batch / jacobi_s:.1f}", f"{cached_s / jacobi_s:.2f}x", "-"),
+        ("naive", f"{naive_s:.4f}", f"{args.batch / naive_s:.2f}", f"{cached_s / naive_s:.3f}x", "-"),
     ])
+    if math.isnan(peak):
+        print("MFU omitted: no known peak for this device (pass --peak_tflops)")
     if jacobi_repeats:
         print(f"jacobi iterations per block (blocks_0..blocks_{args.blocks - 1}): {result['jacobi_iters']} "
               f"(at most {model.num_tokens}); max |jacobi - cached| = {jacobi_err:.2e} at tol {args.jacobi_tol}")
@@ -629,6 +670,80 @@ def model_params_unstacked(model: TARFlow, params: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------
+# compile: how long XLA takes to compile a flow's train step, layers unrolled vs under nn.scan.
+
+def add_compile_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="configs/imagenet64.py:p4", help="a config file, optionally FILE:ARG")
+    parser.add_argument("--batch", type=int, default=0, help="0: the config's train batch size")
+    parser.add_argument("--variants", default="unrolled,scan",
+                        help="comma-separated: unrolled, scan, unrolled_remat, scan_remat (remat = 'dots')")
+    parser.add_argument("--repeats", type=int, default=1, help="compiles per variant (in-process caches cleared)")
+
+
+def bench_compile(args: argparse.Namespace) -> dict:
+    """Seconds to lower and to compile the flow's train step (forward + backward + AdamW) from
+    abstract arguments (no parameter is ever materialised), per layer layout."""
+    import optax
+
+    from biflow_jax import config_files, likelihood
+    from biflow_jax.models.tarflow import build_flow
+
+    config = config_files.load(args.config)
+    m = config.model
+    batch = args.batch or config.train.batch_size
+    variants = {"unrolled": (False, "none"), "scan": (True, "none"),
+                "unrolled_remat": (False, "dots"), "scan_remat": (True, "dots")}
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    optimizer = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=1e-4)
+    images = jax.ShapeDtypeStruct((batch, m.img_size, m.img_size, m.in_channels), jnp.float32)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32) if m.num_classes else None
+    result: dict[str, Any] = {"device": jax.devices()[0].device_kind, "config": args.config, "batch": batch,
+                              "dtype": m.dtype, "blocks": m.num_blocks, "layers": m.layers_per_block,
+                              "channels": m.channels}
+    rows = [("variant", "lower s", "compile s", "params", "HLO ops")]
+    for name in chosen:
+        scan, remat = variants[name]
+        model = build_flow({**m.to_dict(), "scan_layers": scan, "remat": remat})
+        params = jax.eval_shape(model.init, jax.random.key(0),
+                                jax.ShapeDtypeStruct((1,) + images.shape[1:], jnp.float32),
+                                None if labels is None else jax.ShapeDtypeStruct((1,), jnp.int32))
+        opt_state = jax.eval_shape(optimizer.init, params)
+
+        def step(p, o, x, y, model=model):
+            def loss_fn(q):
+                out = model.apply(q, x, y)
+                return likelihood.nll_loss(out.z, out.logdets)
+
+            loss, grads = jax.value_and_grad(loss_fn)(p)
+            updates, o = optimizer.update(grads, o, p)
+            return optax.apply_updates(p, updates), o, loss
+
+        lower_s, compile_s = [], []
+        for _ in range(args.repeats):
+            jax.clear_caches()
+            start = time.perf_counter()
+            lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, images, labels)
+            lower_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            compiled = lowered.compile()
+            compile_s.append(time.perf_counter() - start)
+        ops = lowered.as_text().count("\n")
+        del compiled
+        result[f"{name}_lower_s"] = statistics.median(lower_s)
+        result[f"{name}_compile_s"] = statistics.median(compile_s)
+        result[f"{name}_stablehlo_lines"] = ops
+        rows.append((name, f"{statistics.median(lower_s):.1f}", f"{statistics.median(compile_s):.1f}",
+                     f"{count_params(params):,}", str(ops)))
+        result["params"] = count_params(params)
+    if "unrolled_compile_s" in result and "scan_compile_s" in result:
+        result["compile_speedup_scan"] = result["unrolled_compile_s"] / result["scan_compile_s"]
+    print(f"device: {result['device']}; {args.config}: {m.num_blocks} blocks x {m.layers_per_block} layers, "
+          f"width {m.channels}, {m.dtype}, batch {batch}; train step = forward + backward + AdamW, abstract args")
+    print_table(rows)
+    return result
+
+
+# ---------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Subcommand:
@@ -640,6 +755,8 @@ class Subcommand:
 SUBCOMMANDS: dict[str, Subcommand] = {
     "sample": Subcommand(add_sample_args, bench_sample, "exact-inverse sampling: cached vs Jacobi vs naive"),
     "train": Subcommand(add_train_args, bench_train, "R-REPA train step (reverse alignment) vs the NLL step"),
+    "compile": Subcommand(add_compile_args, bench_compile,
+                          "compile time of a flow's train step: layers unrolled vs under nn.scan"),
     "versus_torch": Subcommand(add_versus_args, bench_versus_torch,
                                "train step and exact inverse: ours vs ml-tarflow's PyTorch Model (--reference)"),
     "vae": Subcommand(bench_vae.add_vae_args, bench_vae.bench_vae, "VAE decode ms/image (latent-space sampling)"),

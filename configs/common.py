@@ -7,7 +7,7 @@ An experiment file calls `base()` and overrides what differs. Sections:
   model     the forward flow (TARFlow, arXiv:2412.06329); `name` picks the class
   train     stage 1's loop: batch, steps, noise, EMA, logging/eval/checkpoint cadence
   optim     stage 1's AdamW and schedule
-  align     R-REPA (arXiv:2604.01413), off unless enabled
+  align     R-REPA (arXiv:2511.22345), off unless enabled
   evals     stage 1's evaluators, by name -> {every: steps (0 = at the end only), ...}; `fid`
             (every -1: not in training) also holds `--mode=eval`'s FID-50K settings
   biflow    stage 2 (BiFlow, arXiv:2512.10953): flow_init, G's `model` (a variant string +
@@ -34,7 +34,8 @@ def data(**overrides) -> ml_collections.ConfigDict:
 def flow_model(**overrides) -> ml_collections.ConfigDict:
     """TARFlow as ml-tarflow builds it (one head per 64 channels, 4x MLP, no clip by default)."""
     fields = dict(name="tarflow", img_size=8, in_channels=1, patch_size=2, channels=64, num_blocks=4,
-                  layers_per_block=2, num_classes=10, head_dim=64, expansion=4, clip=0.0, dtype="float32")
+                  layers_per_block=2, num_classes=10, head_dim=64, expansion=4, clip=0.0, dtype="float32",
+                  scan_layers=False, remat="none")  # nn.scan over each block's layers; "none"|"full"|"dots"
     fields.update(overrides)
     return ml_collections.ConfigDict(fields)
 
@@ -85,23 +86,6 @@ def reverse_model(variant: str = "B/2", **overrides) -> ml_collections.ConfigDic
     return ml_collections.ConfigDict(fields)
 
 
-def fid(**overrides) -> ml_collections.ConfigDict:
-    """FID-50K settings, in `evals.fid` (exact inverse) and `biflow.evals.fid` (BiFlow's 1-NFE G).
-
-    Read by the `fid` evaluator during training (`every` steps; 0 = at the end; -1 = never) on
-    `train_samples` samples, and by `--mode=eval` on `num_samples`. reference: an ADM-format
-    reference batch .npz (`reference_name`: the published file the config expects, named when
-    it is missing; make others with the evaluators' ref_stats module). inception:
-    pytorch-fid's pt_inception-2015-12-05-6726825d.pth; `random_inception` is for tests and the
-    digits only. guidance None: sample.guidance (exact) or biflow.guidance (BiFlow, if CFG-trained).
-    """
-    fields = dict(every=-1, train_samples=5000, num_samples=50_000, reference="", reference_name="", inception="",
-                  random_inception=False, convention="adm", inception_size=299, batch_size=256, chunk_size=5000,
-                  guidance=placeholder(float), cfg_scale=0.0, seed=0, precision_recall=True, is_split_size=5000)
-    fields.update(overrides)
-    return ml_collections.ConfigDict(fields)
-
-
 def perceptual(lpips: float = 0.0, convnext: float = 0.0, dino: float = 0.0, **overrides) -> ml_collections.ConfigDict:
     """Stage 2's perceptual terms on G's final image (BiFlow, arXiv:2512.10953); a weight of 0 turns one off.
 
@@ -116,6 +100,23 @@ def perceptual(lpips: float = 0.0, convnext: float = 0.0, dino: float = 0.0, **o
     fields = dict(lpips=dict(weight=lpips, vgg16_path="", lin_path=""), convnext=dict(weight=convnext, path=""),
                   dino=dict(weight=dino, path="", size="vitb14"), crop_size=224, crop_scale=(0.08, 1.0),
                   crop_ratio=(3 / 4, 4 / 3), remat=False, dtype="float32")
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+def fid(**overrides) -> ml_collections.ConfigDict:
+    """FID-50K settings, in `evals.fid` (exact inverse) and `biflow.evals.fid` (BiFlow's 1-NFE G).
+
+    Read by the `fid` evaluator during training (`every` steps; 0 = at the end; -1 = never) on
+    `train_samples` samples, and by `--mode=eval` on `num_samples`. reference: an ADM-format
+    reference batch .npz (`reference_name`: the published file the config expects, named when
+    it is missing; make others with the evaluators' ref_stats module). inception:
+    pytorch-fid's pt_inception-2015-12-05-6726825d.pth; `random_inception` is for tests and the
+    digits only. guidance None: sample.guidance (exact) or biflow.guidance (BiFlow, if CFG-trained).
+    """
+    fields = dict(every=-1, train_samples=5000, num_samples=50_000, reference="", reference_name="", inception="",
+                  random_inception=False, convention="adm", inception_size=299, batch_size=256, chunk_size=5000,
+                  guidance=placeholder(float), cfg_scale=0.0, seed=0, precision_recall=True, is_split_size=5000)
     fields.update(overrides)
     return ml_collections.ConfigDict(fields)
 

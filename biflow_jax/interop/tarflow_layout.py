@@ -169,8 +169,12 @@ def state_dict_to_params(state_dict: Mapping[str, Any], layout: Mapping[str, Ten
 
 
 def flow_params_to_state_dict(params: Mapping[str, Any], model_cfg: Any) -> dict[str, np.ndarray]:
-    """Flax flow params -> ml-tarflow state_dict (buffers `attn_mask` and `var` included)."""
-    return params_to_state_dict(params, state_dict_layout(model_cfg), "flow", _buffer_value)
+    """Flax flow params -> ml-tarflow state_dict (buffers `attn_mask` and `var` included).
+
+    `model.scan_layers` params (layers stacked under `attn_blocks`) are unstacked first."""
+    from biflow_jax.models.tarflow import unstack_layer_params  # lazy: this module stays numpy-only
+
+    return params_to_state_dict(unstack_layer_params(params), state_dict_layout(model_cfg), "flow", _buffer_value)
 
 
 def _check_flow_buffer(name: str, value: np.ndarray) -> None:
@@ -186,4 +190,15 @@ def state_dict_to_flow_params(state_dict: Mapping[str, Any], model_cfg: Any) -> 
     shape-checked only: it is a sampling-time prior scale, not part of the flow, so whoever
     imports decides what to do with it.
     """
-    return state_dict_to_params(state_dict, state_dict_layout(model_cfg), _check_flow_buffer)
+    params = state_dict_to_params(state_dict, state_dict_layout(model_cfg), _check_flow_buffer)
+    if model_cfg.get("scan_layers", False):  # the nn.scan layout: layers stacked on a leading axis
+        from biflow_jax.models.tarflow import stack_layer_params
+
+        params = jax_tree_to_numpy(stack_layer_params(params))
+    return params
+
+
+def jax_tree_to_numpy(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: jax_tree_to_numpy(v) for k, v in tree.items()}
+    return np.asarray(tree)

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from biflow_jax.models.tarflow import attention
+
 Array = jax.Array
 
 
@@ -146,7 +148,9 @@ class Attention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = apply_rope(RMSNorm(name="q_norm")(q), angles)
         k = apply_rope(RMSNorm(name="k_norm")(k), angles)
-        out = jax.nn.dot_product_attention(q, k, v)  # no mask: every token sees every token
+        # No mask: every token sees every token. dot_product_attention on accelerators, the
+        # head-major XLA path on CPU (tarflow.attention).
+        out = attention(q, k, v, causal=False)
         return dense(self.width, self.dtype, "proj")(out.reshape(n, t, self.width))
 
 

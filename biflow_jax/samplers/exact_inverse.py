@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biflow_jax.models.tarflow import TARFlow, unpatchify
+from biflow_jax.models.tarflow import TARFlow, advance_cache, unpatchify
 
 Array = jax.Array
 SOLVERS = ("cached", "jacobi", "naive")
@@ -183,8 +183,8 @@ def _in_block_order(x: Array, index: int) -> Array:
 def prefix_segments(num_steps: int, segments: int = 0) -> list[tuple[int, int]]:
     """Split decode steps 0..num_steps-1 into contiguous [start, stop) segments.
 
-    Step t attends to cache rows 0..t, so a segment ending at `stop` needs only the first
-    `stop` rows: a static prefix length per segment (one loop per segment). 0 picks
+    Step t attends to positions 0..t, so a segment ending at `stop` needs only the first
+    `stop` cache rows: a static prefix length per segment (one loop per segment). 0 picks
     about one segment per 32 tokens, at most 8 (the attention reads ~(S+1)/2S of the cache).
     """
     if num_steps <= 0:
@@ -200,27 +200,29 @@ def _invert_block_cached(model, params, index, z, labels, temp, guidance, cache_
     z_perm = _in_block_order(z, index)
     n, num_tokens, _ = z_perm.shape
     batch = 2 * n if guidance.active else n
-    cache = model.apply(params, batch, cache_dtype, method=TARFlow.init_caches)[index]
 
-    def segment(prefix):
-        def step(t, carry):
-            x, cache = carry
-            x_t = jax.lax.dynamic_index_in_dim(x, t, axis=1, keepdims=False)
-            a, b, cache = model.apply(params, index, _stack(x_t, guidance), t, cache, labels, temp, prefix,
-                                      method=TARFlow.block_decode_step)
-            a, b = _guided(a, b, n, guidance, guidance.weight(t + 1, num_tokens))
-            z_next = jax.lax.dynamic_index_in_dim(z_perm, t + 1, axis=1, keepdims=False)
-            x_next = z_next * jnp.exp(a) + b
-            x = jax.lax.dynamic_update_index_in_dim(x, x_next.astype(x.dtype), t + 1, axis=1)
-            return x, cache
+    def step(t, carry):
+        x, cache = carry
+        x_t = jax.lax.dynamic_index_in_dim(x, t, axis=1, keepdims=False)
+        a, b, cache = model.apply(params, index, _stack(x_t, guidance), t, cache, labels, temp,
+                                  method=TARFlow.block_decode_step)
+        a, b = _guided(a, b, n, guidance, guidance.weight(t + 1, num_tokens))
+        z_next = jax.lax.dynamic_index_in_dim(z_perm, t + 1, axis=1, keepdims=False)
+        x_next = z_next * jnp.exp(a) + b
+        x = jax.lax.dynamic_update_index_in_dim(x, x_next.astype(x.dtype), t + 1, axis=1)
+        return x, cache
 
-        return step
-
-    # Token 0 passes through (a = b = 0), so z_perm is already right there. Steps t < stop
-    # attend to cache rows 0..t < stop: each segment reads a static-length prefix of the cache.
-    x = z_perm
+    # Token 0 passes through (a = b = 0), so z_perm is already right there. Each segment's
+    # loop carries only its own chunk of the cache (positions start..stop-1) and reads the
+    # earlier positions as a fixed-length, read-only past: no step attends beyond the filled
+    # prefix, and no step copies the whole cache.
+    x, cache = z_perm, None
     for start, stop in prefix_segments(num_tokens - 1, segments):
-        x, cache = jax.lax.fori_loop(start, stop, segment(stop), (x, cache))
+        if cache is None:
+            cache = model.apply(params, batch, cache_dtype, stop - start, method=TARFlow.init_caches)[index]
+        else:
+            cache = advance_cache(cache, stop - start)
+        x, cache = jax.lax.fori_loop(start, stop, step, (x, cache))
     return _in_block_order(x, index)
 
 
