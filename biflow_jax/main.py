@@ -132,7 +132,8 @@ def main(argv: list[str]) -> None:
         from biflow_jax.modes import edit
 
         run = edit.run_inpaint if FLAGS.mode == "inpaint" else edit.run_class_edit
-        out = run(workdir, num_images=100 if FLAGS.num_images is None else FLAGS.num_images, seed=FLAGS.seed, out_dir=FLAGS.out_dir, w=FLAGS.w)
+        num_images = 100 if FLAGS.num_images is None else FLAGS.num_images
+        out = run(workdir, num_images=num_images, seed=FLAGS.seed, out_dir=FLAGS.out_dir, w=FLAGS.w)
         m = out["metrics"]
         if FLAGS.mode == "inpaint":
             baselines = (f" (filling it with the mean training digit: {m['mean_image_fill_mae_255']:.1f}, with a "
