@@ -190,6 +190,17 @@ def _sample_source(workdir: str, kind: str, config: Any, settings_flags: dict[st
     return sampler, run.params, settings, (flow.img_size, flow.img_size, flow.in_channels), run.step
 
 
+def replicated(tree: Any, mesh: Any) -> Any:
+    """Restored params (on this process's devices) -> global arrays replicated over the mesh.
+
+    Through the host: a process cannot device_put its local arrays onto other processes' devices,
+    but every process holds the same values and may place them on its own part of a global array.
+    """
+    sharding_ = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.tree_util.tree_map(
+        lambda x: jax.device_put(np.asarray(x), sharding_) if getattr(x, "is_fully_addressable", True) else x, tree)
+
+
 def run_eval(workdir: str, config: Any = None, sampler: str | None = None, ref: str | None = None,
              samples: str | None = None, num_samples: int | None = None, inception: str | None = None,
              random_inception: bool = False, seed: int | None = None) -> dict[str, Any]:
@@ -213,7 +224,7 @@ def run_eval(workdir: str, config: Any = None, sampler: str | None = None, ref: 
         tag = hashlib.sha1(json.dumps([source.description, settings["seed"]]).encode()).hexdigest()[:8]
         name = f"{kind}_step{step}_n{settings['num_samples']}_seed{settings['seed']}_{tag}"
         out_dir = os.path.join(workdir, EVAL_DIR, name)
-        params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        params = replicated(params, mesh)
         start = time.perf_counter()
         path = generate_samples(out_dir, source, params, settings, image_shape, mesh)
         record = {"samples": os.path.abspath(path), "sampler": source.description, "step": step,

@@ -1,7 +1,7 @@
 """--mode=eval: resumable FID sampling (SIGKILL mid-run, rerun = uninterrupted run), ADM npz, --samples.
 
 Random Inception weights at 75 px (the FID weights are not on this machine), a randomly
-initialised digits flow (no training), chunks of 8 samples.
+initialised digits flow (no training), chunks of 4 samples.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from biflow_jax.evaluators import ref_stats, sample_fid
 from biflow_jax.models import registry
 from biflow_jax.modes import eval as eval_mode
 
-N, CHUNK = 32, 8
-FID_OVERRIDES = dict(inception_size=75, batch_size=8, chunk_size=CHUNK)
+N, CHUNK = 96, 4
+FID_OVERRIDES = dict(inception_size=75, batch_size=4, chunk_size=CHUNK)
 
 
 def _config():
@@ -72,7 +72,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(setup, tmp_path):
         chunks = glob.glob(os.path.join(killed, "eval", "*", "chunks", "chunk_*.npz"))  # not the .tmp files
         if chunks:
             break
-        time.sleep(0.02)
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 1 <= len(chunks) < N // CHUNK, f"the run was not killed mid-sampling ({len(chunks)} chunks)"
