@@ -14,8 +14,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from biflow_jax import checkpoint, evaluators, objectives, runs, sharding, trainer, workdir_lock
-from biflow_jax.console import is_main_process, say
+from biflow_jax import checkpoint, evaluators, latent_space, objectives, runs, sharding, trainer, workdir_lock
+from biflow_jax.console import say
 from biflow_jax.data import input_pipeline
 from biflow_jax.errors import ConfigError, require
 from biflow_jax.models import registry
@@ -27,6 +27,7 @@ STAGES = ("flow", "biflow", "both")
 def validate(config: ml_collections.ConfigDict) -> None:
     """Every check of every stage this config runs, before anything is written."""
     require(config.stage in STAGES, f"stage={config.stage!r} must be one of {STAGES}")
+    latent_space.validate(config)  # a latent run's VAE directory, data and evaluators
     if config.stage in ("flow", "both"):
         objectives.validate(config, "flow")
         evaluators.validate(config, "flow")
@@ -76,10 +77,19 @@ def train_flow(config: ml_collections.ConfigDict, workdir: str) -> dict[str, flo
         baseline = bpd.gaussian_baseline_bpd(config, mesh)
         say(f"test bits/dim (uniform dequantisation): flow (EMA) {value:.4f} | diagonal-Gaussian baseline "
             f"{baseline:.4f}")
-    if is_main_process():
+    if single_process():
         out = sample.run_sample(workdir, sampler="exact", out_dir=os.path.join(workdir, "samples"))
         say(f"exact-inverse samples: {out['samples_png']}")
     return results
+
+
+def single_process() -> bool:
+    """The grids after a stage restore checkpoints, a collective in Orbax: in a multi-process run one
+    process cannot do it alone, so there the grids are left to `--mode=sample` (said on the console)."""
+    if jax.process_count() == 1:
+        return True
+    say("multi-process run: no sample grid here; run --mode=sample on this workdir from one process")
+    return False
 
 
 def train_biflow(config: ml_collections.ConfigDict, workdir: str, flow_workdir: str) -> dict[str, float]:
@@ -95,7 +105,7 @@ def train_biflow(config: ml_collections.ConfigDict, workdir: str, flow_workdir: 
     reverse = biflow.build_reverse(config, flow_run.model)
     evals = evaluators.for_biflow_stage(config, flow_run, reverse, mesh)
     results = trainer.run(objective, evals, config, workdir, "biflow", mesh, flow_workdir=flow_run.workdir)
-    if is_main_process():
+    if single_process():
         figures = compare.compare(workdir)
         say(f"exact inverse vs BiFlow on the same noise: {figures['grid']}")
         say(f"speed: exact inverse {figures['exact_images_per_s']:.1f} images/s, BiFlow 1-NFE "
