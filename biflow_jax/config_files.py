@@ -13,14 +13,15 @@ import difflib
 import importlib.util
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import ml_collections
 
-from biflow_jax.errors import ConfigError
+from biflow_jax.errors import EXPECTED_ERRORS, ConfigError
 
 OVERRIDE_PREFIX = "--config."
+_CLI_OVERRIDES: list[str] = []
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
@@ -144,3 +145,24 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def cli_overrides() -> list[str]:
+    """The `--config.KEY=VALUE` items `run_cli` took off the command line, as 'KEY=VALUE'."""
+    return list(_CLI_OVERRIDES)
+
+
+def run_cli(main: Callable[[list[str]], None]) -> None:
+    """absl's app.run(main) for a command-line module: `--config.KEY=VALUE` items are taken off the
+    command line first (read them with `cli_overrides()`), and expected errors (bad config, data,
+    workdir or weights) print one line `error: ...` and exit 2 instead of a traceback."""
+    from absl import app
+
+    global _CLI_OVERRIDES
+    try:
+        argv, _CLI_OVERRIDES = split_overrides(sys.argv)
+        app.run(main, argv=argv)
+    except EXPECTED_ERRORS as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)

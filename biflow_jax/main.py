@@ -25,7 +25,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import app, flags, logging  # noqa: E402
 
 from biflow_jax import config_files, distributed  # noqa: E402
-from biflow_jax.errors import EXPECTED_ERRORS, ConfigError  # noqa: E402
+from biflow_jax.errors import ConfigError  # noqa: E402
 
 MODES = ("train", "describe", "sample", "classify", "inpaint", "class_edit", "eval")
 
@@ -49,9 +49,6 @@ flags.DEFINE_string("inception", None, "eval: pt_inception-2015-12-05-6726825d.p
 flags.DEFINE_bool("random_inception", False, "eval: random Inception weights, for tests and the digits only.")
 FLAGS = flags.FLAGS
 
-OVERRIDES: list[str] = []
-
-
 def resolve_config(workdir: str | None, mode: str):
     """The config a mode runs with: --config if given, else the workdir's config.json; then overrides."""
     if FLAGS.config:
@@ -65,7 +62,7 @@ def resolve_config(workdir: str | None, mode: str):
         raise ConfigError("--config is required to train a new run (e.g. --config=configs/digits.py)")
     else:
         return None
-    return config_files.apply_overrides(config, OVERRIDES)
+    return config_files.apply_overrides(config, config_files.cli_overrides())
 
 
 def config_lines(config, prefix: str = "") -> list[str]:
@@ -103,7 +100,8 @@ def main(argv: list[str]) -> None:
         from biflow_jax.console import say
         from biflow_jax.modes import train
 
-        say(f"config ({FLAGS.config or os.path.join(workdir, 'config.json')} with {len(OVERRIDES)} override(s); "
+        count = len(config_files.cli_overrides())
+        say(f"config ({FLAGS.config or os.path.join(workdir, 'config.json')} with {count} override(s); "
             "saved as WORKDIR/config.json):\n" + "\n".join(config_lines(config)))
 
         train.train_and_evaluate(config, workdir)
@@ -153,14 +151,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Entry point: expected errors end the program with their message and exit code 2."""
-    global OVERRIDES
-    try:
-        argv, OVERRIDES = config_files.split_overrides(sys.argv)
-        app.run(main, argv=argv)
-    except EXPECTED_ERRORS as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    config_files.run_cli(main)
 
 
 if __name__ == "__main__":

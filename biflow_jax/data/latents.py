@@ -381,7 +381,7 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # TFDS and JAX are chatty at INFO
     FLAGS = flags.FLAGS
-    config = config_files.apply_overrides(config_files.load(FLAGS.config), _OVERRIDES)
+    config = config_files.apply_overrides(config_files.load(FLAGS.config), config_files.cli_overrides())
     out = FLAGS.out or config.data.get("folder", "")
     if not out:
         raise DataError("--out is required (or set data.folder): the directory the latents are written to")
@@ -393,29 +393,18 @@ def main(argv: list[str]) -> None:
     say(f"latents {meta['latent_shape']} ({meta['dtype']}, image + flip) in {out}: {counts}")
 
 
-_OVERRIDES: list[str] = []
-
-
 def run() -> None:
     """Entry point: expected errors print one line and exit 2, as in biflow_jax.main."""
-    global _OVERRIDES
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from absl import app, flags
+    from absl import flags
 
     from biflow_jax import config_files
-    from biflow_jax.errors import EXPECTED_ERRORS
 
     flags.DEFINE_string("config", None, "Config file with a `latent` section (e.g. configs/imagenet256_latent.py:b2).")
     flags.DEFINE_string("out", None, "Output directory (default: the config's data.folder).")
     flags.DEFINE_list("splits", None, "Splits to encode (default: latent.source's train and test splits).")
     flags.mark_flag_as_required("config")
-    try:
-        argv, _OVERRIDES = config_files.split_overrides(sys.argv)
-        app.run(main, argv=argv)
-    except EXPECTED_ERRORS as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    config_files.run_cli(main)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from biflow_jax import config_files, distributed, sharding  # noqa: E402
 from biflow_jax.console import is_main_process, say  # noqa: E402
-from biflow_jax.errors import EXPECTED_ERRORS, ConfigError, DataError  # noqa: E402
+from biflow_jax.errors import ConfigError, DataError  # noqa: E402
 
 flags.DEFINE_string("config", None, "Config file (its data section is read), with an optional :ARG.")
 flags.DEFINE_string("out", None, "Output .npz (ADM reference batch format).")
@@ -98,23 +98,13 @@ def main(argv: list[str]) -> None:
         raise ConfigError("--config is required (its data section names the dataset)")
     if not any(a.startswith(("-v", "--v")) for a in sys.argv[1:]):
         logging.set_verbosity(logging.WARNING)
-    config = config_files.apply_overrides(config_files.load(FLAGS.config), OVERRIDES)
+    config = config_files.apply_overrides(config_files.load(FLAGS.config), config_files.cli_overrides())
     distributed.initialize()
     compute(config, FLAGS.out, FLAGS.split, FLAGS.num_images, FLAGS.inception, FLAGS.random_inception)
 
 
-OVERRIDES: list[str] = []
-
-
 def run() -> None:
-    global OVERRIDES
-    try:
-        argv, OVERRIDES = config_files.split_overrides(sys.argv)
-        app.run(main, argv=argv)
-    except EXPECTED_ERRORS as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    config_files.run_cli(main)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from biflow_jax.interop.state_dicts import check_keys, read_torch_file, read_weights_dir
 from biflow_jax.models.dino import DinoConfig, dinov2_config
 
 Params = dict[str, Any]
@@ -63,64 +64,6 @@ def load_dino(
 
 
 # ----------------------------------------------------------------------------------
-# Reading tensors.
-
-
-def _torch_to_numpy(value: Any, key: str, source: Path) -> np.ndarray:
-    import torch  # lazy: only needed for .bin/.pth and bf16 safetensors
-
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
-    value = value.detach().cpu()
-    if value.is_floating_point():
-        value = value.to(torch.float32)
-    return value.numpy()
-
-
-def _read_torch_file(path: Path) -> dict[str, np.ndarray]:
-    import torch  # lazy
-
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: expected a state_dict (mapping), got {type(state).__name__}")
-    return {str(k): _torch_to_numpy(v, str(k), path) for k, v in state.items()}
-
-
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    try:
-        return dict(load_file(str(path)))
-    except (TypeError, ValueError, KeyError):
-        # numpy has no bfloat16; fall back to torch for such files.
-        from safetensors.torch import load_file as load_torch
-
-        return {k: _torch_to_numpy(v, k, path) for k, v in load_torch(str(path)).items()}
-
-
-def _read_transformers_weights(directory: Path) -> dict[str, np.ndarray]:
-    single = directory / "model.safetensors"
-    index = directory / "model.safetensors.index.json"
-    legacy = directory / "pytorch_model.bin"
-    if single.is_file():
-        return _read_safetensors(single)
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        state: dict[str, np.ndarray] = {}
-        for shard in sorted(set(weight_map.values())):
-            shard_path = directory / shard
-            if not shard_path.is_file():
-                raise FileNotFoundError(f"DINOv2 weights shard not found: {shard_path}")
-            state.update(_read_safetensors(shard_path))
-        return state
-    if legacy.is_file():
-        return _read_torch_file(legacy)
-    raise FileNotFoundError(
-        f"no DINOv2 weights in {directory}: expected {single.name}, {index.name} or {legacy.name}"
-    )
-
-
-# ----------------------------------------------------------------------------------
 # Strict key/shape checking and the shared conversion.
 
 # Each rule: flax path -> (source keys, function from source arrays to the flax array).
@@ -133,29 +76,6 @@ def _linear(w: np.ndarray, *_: np.ndarray) -> np.ndarray:
 
 def _same(x: np.ndarray) -> np.ndarray:
     return x
-
-
-def _check_keys(
-    state: StateDict, expected: Mapping[str, tuple[int, ...]], source: str
-) -> None:
-    missing = sorted(k for k in expected if k not in state)
-    unexpected = sorted(k for k in state if k not in expected)
-    wrong = [
-        f"{k}: expected shape {tuple(expected[k])}, got {tuple(np.shape(state[k]))}"
-        for k in sorted(expected)
-        if k in state and tuple(np.shape(state[k])) != tuple(expected[k])
-    ]
-    problems = []
-    if missing:
-        problems.append("missing keys: " + ", ".join(missing))
-    if unexpected:
-        problems.append("unexpected keys: " + ", ".join(unexpected))
-    if wrong:
-        problems.append("wrongly shaped keys: " + "; ".join(wrong))
-    if problems:
-        raise ValueError(
-            f"{source} does not match the DINOv2 architecture: " + " | ".join(problems)
-        )
 
 
 def _apply_rules(state: StateDict, rules: Mapping[str, _Rule]) -> Params:
@@ -381,7 +301,7 @@ def params_from_transformers_state_dict(
                 expected.update({w[0]: (2 * f, d), b[0]: (2 * f,)})
             rules[f_ + "mlp/w12/kernel"] = (w, _concat_linear)
             rules[f_ + "mlp/w12/bias"] = (b, _concat_rows)
-    _check_keys(state, expected, source)
+    check_keys(state, expected, f"{source} (DINOv2)")
     return _apply_rules(state, rules)
 
 
@@ -392,7 +312,7 @@ def load_transformers_dino(directory: str | os.PathLike[str]) -> tuple[DinoConfi
     if not config_path.is_file():
         raise FileNotFoundError(f"DINOv2 checkpoint directory {directory} has no config.json")
     cfg, has_mask_token = config_from_transformers(json.loads(config_path.read_text()))
-    state = _read_transformers_weights(directory)
+    state = read_weights_dir(directory, "model", "DINOv2")
     return cfg, params_from_transformers_state_dict(state, cfg, has_mask_token, str(directory))
 
 
@@ -474,7 +394,7 @@ def params_from_hub_state_dict(
             expected[b + "mlp.w12.bias"] = (2 * f,)
             rules[f_ + "mlp/w12/kernel"] = ((b + "mlp.w12.weight",), _linear)
             rules[f_ + "mlp/w12/bias"] = ((b + "mlp.w12.bias",), _same)
-    _check_keys(state, expected, source)
+    check_keys(state, expected, f"{source} (DINOv2)")
     return _apply_rules(state, rules)
 
 
@@ -492,6 +412,6 @@ def load_hub_dino(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"DINOv2 hub weights file not found: {path}")
-    state = _read_torch_file(path)
+    state = read_torch_file(path)
     cfg = hub_config(state, size, registers)
     return cfg, params_from_hub_state_dict(state, cfg, str(path))
