@@ -7,6 +7,17 @@ the maths reproduces *our* Flax flow (`biflow_jax.models.tarflow`), which adds t
 ml-tarflow lacks: the soft clip c*tanh(a/c) on the log-scale, and configurable head_dim /
 MLP expansion. With clip=0 and the defaults the two agree.
 
+It also ports the improved-TARFlow options of our flow, all off by default (then the module
+tree and state_dict are exactly ml-tarflow's; ml-tarflow has none of these options, so only
+this port loads a flow that uses one):
+- `rope`: 2D axial rotary position embedding on q and k (RoFormer, arXiv:2104.09864)
+  instead of the learned `pos_embed`; a head vector's first half turns by the token's row,
+  its second half by its column;
+- `norm="rmsnorm"`: RMSNorm pre-norms (arXiv:1910.07467), weight only;
+- `qk_norm`: q and k normalised per head over head_dim (`attention.q_norm` / `k_norm`);
+- `mlp="swiglu"`: the SwiGLU MLP (arXiv:2002.05202), `mlp.gate_up` and `mlp.down`;
+- `block_layers`: a layer count per block, e.g. STARFlow's deep-shallow flow (arXiv:2506.06276).
+
 Images are NCHW in [-1, 1]; tokens come from `F.unfold`, so inside a patch the order is
 channel-major (c, i, j), the same as our JAX `patchify` on NHWC images.
 """
@@ -27,6 +38,55 @@ def soft_clip(a: torch.Tensor, clip: float) -> torch.Tensor:
     if clip <= 0:
         return a
     return clip * torch.tanh(a / clip)
+
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+ROPE_BASE = 10000.0
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    """A LayerNorm (weight and bias) or an RMSNorm (weight only), both eps 1e-5."""
+    if kind not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+    return nn.RMSNorm(dim, eps=1e-5) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=1e-5)
+
+
+def norm_float32(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply `norm` in float32 whatever the compute dtype."""
+    return norm(x.float()).to(x.dtype)
+
+
+def swiglu_hidden(channels: int, expansion: int) -> int:
+    """SwiGLU's hidden width: 2/3 of the GELU MLP's (same parameter count), rounded up to a multiple of 8."""
+    return 8 * -(-2 * expansion * channels // 24)
+
+
+def rope_positions(grid: int, flip: bool) -> torch.Tensor:
+    """(T, 2) integer (row, col) of each token of a grid x grid raster, in the block's token order."""
+    t = torch.arange(grid * grid)
+    if flip:
+        t = t.flip(0)
+    return torch.stack([t // grid, t % grid], dim=-1)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos and sin (T, head_dim) for `rope_positions`: the head vector is four quarters
+    [r1, r2, c1, c2]; pairs (r1, r2) turn by the row, (c1, c2) by the column, at the angles
+    pos * ROPE_BASE^(-i / (head_dim / 4)) ("rotate-half" pairing within each half)."""
+    quarter = head_dim // 4
+    freqs = ROPE_BASE ** (-torch.arange(quarter, dtype=torch.float32, device=positions.device) / quarter)
+    row = positions[:, :1].float() * freqs
+    col = positions[:, 1:].float() * freqs
+    angles = torch.cat([row, row, col, col], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (N, heads, T, head_dim) q or k by (T, head_dim) tables, in float32."""
+    r1, r2, c1, c2 = x.float().chunk(4, dim=-1)
+    turned = torch.cat([-r2, r1, -c2, c1], dim=-1)
+    return (x.float() * cos + turned * sin).to(x.dtype)
 
 
 def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -51,24 +111,38 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Pre-LN multi-head self-attention; softmax(q k^T / sqrt(head_dim) / temp)."""
+    """Pre-norm multi-head self-attention; softmax(q k^T / sqrt(head_dim) / temp).
 
-    def __init__(self, channels: int, head_dim: int = 64):
+    With `qk_norm`, q and k are normalised per head (one (head_dim,) norm each, shared by the
+    heads); RoPE, when the caller passes its tables, turns q and k after that.
+    """
+
+    def __init__(self, channels: int, head_dim: int = 64, norm: str = "layernorm", qk_norm: bool = False):
         super().__init__()
         if channels % head_dim:
             raise ValueError(f"channels={channels} is not a multiple of head_dim={head_dim}")
-        self.norm = nn.LayerNorm(channels, eps=1e-5)
+        self.norm = make_norm(norm, channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = nn.Linear(channels, channels)
+        if qk_norm:
+            self.q_norm = make_norm(norm, head_dim)
+            self.k_norm = make_norm(norm, head_dim)
+        self.qk_norm = qk_norm
         self.num_heads = channels // head_dim
         self.head_dim = head_dim
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, temp: float | torch.Tensor = 1.0,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """With `cache`, `x` is the single newest token and attends to every cached one."""
+                cache: KVCache | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """With `cache`, `x` is the single newest token and attends to every cached one (the cache
+        stores keys after qk-norm and RoPE). `rope`: (cos, sin) tables of `x`'s tokens."""
         n, t, c = x.shape
-        h = self.norm(x.float()).to(x.dtype)
+        h = norm_float32(self.norm, x)
         q, k, v = self.qkv(h).view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.qk_norm:
+            q, k = norm_float32(self.q_norm, q), norm_float32(self.k_norm, k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.append(k, v)
         logits = (q @ k.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
@@ -81,11 +155,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Pre-LN MLP with exact GELU; `main` indices 0 and 2 are the reference's names."""
+    """Pre-norm MLP with exact GELU; `main` indices 0 and 2 are the reference's names."""
 
-    def __init__(self, channels: int, expansion: int = 4):
+    def __init__(self, channels: int, expansion: int = 4, norm: str = "layernorm"):
         super().__init__()
-        self.norm = nn.LayerNorm(channels, eps=1e-5)
+        self.norm = make_norm(norm, channels)
         self.main = nn.Sequential(
             nn.Linear(channels, channels * expansion),
             nn.GELU(),
@@ -93,20 +167,39 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.main(self.norm(x.float()).to(x.dtype))
+        return self.main(norm_float32(self.norm, x))
+
+
+class SwiGLU(nn.Module):
+    """Pre-norm SwiGLU MLP, down(silu(gate) * up); `gate_up` holds [gate | up] along its outputs."""
+
+    def __init__(self, channels: int, expansion: int = 4, norm: str = "layernorm"):
+        super().__init__()
+        hidden = swiglu_hidden(channels, expansion)
+        self.norm = make_norm(norm, channels)
+        self.gate_up = nn.Linear(channels, 2 * hidden)
+        self.down = nn.Linear(hidden, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(norm_float32(self.norm, x)).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 class AttentionBlock(nn.Module):
     """One transformer layer: x + attention(x), then x + mlp(x)."""
 
-    def __init__(self, channels: int, head_dim: int = 64, expansion: int = 4):
+    def __init__(self, channels: int, head_dim: int = 64, expansion: int = 4, norm: str = "layernorm",
+                 qk_norm: bool = False, mlp: str = "gelu"):
         super().__init__()
-        self.attention = Attention(channels, head_dim)
-        self.mlp = MLP(channels, expansion)
+        if mlp not in MLPS:
+            raise ValueError(f"mlp must be one of {MLPS}, got {mlp!r}")
+        self.attention = Attention(channels, head_dim, norm, qk_norm)
+        self.mlp = (SwiGLU if mlp == "swiglu" else MLP)(channels, expansion, norm)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, temp: float | torch.Tensor = 1.0,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attention(x, mask, temp, cache)
+                cache: KVCache | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attention(x, mask, temp, cache, rope)
         return x + self.mlp(x)
 
 
@@ -117,25 +210,42 @@ class MetaBlock(nn.Module):
     """
 
     attn_mask: torch.Tensor
+    rope_positions: torch.Tensor
 
     def __init__(self, in_channels: int, channels: int, num_patches: int, flip: bool, num_layers: int = 1,
-                 head_dim: int = 64, expansion: int = 4, num_classes: int = 0, clip: float = 0.0):
+                 head_dim: int = 64, expansion: int = 4, num_classes: int = 0, clip: float = 0.0,
+                 rope: bool = False, norm: str = "layernorm", qk_norm: bool = False, mlp: str = "gelu"):
         super().__init__()
         self.flip = flip
         self.clip = clip
         self.num_classes = num_classes
+        self.rope = rope
+        self.head_dim = head_dim
         self.proj_in = nn.Linear(in_channels, channels)
-        self.pos_embed = nn.Parameter(torch.randn(num_patches, channels) * 1e-2)
+        if rope:  # positions enter through q and k instead
+            self.register_parameter("pos_embed", None)
+        else:
+            self.pos_embed = nn.Parameter(torch.randn(num_patches, channels) * 1e-2)
         if num_classes:
             self.class_embed = nn.Parameter(torch.randn(num_classes, 1, channels) * 1e-2)
         else:
             self.register_parameter("class_embed", None)
         self.attn_blocks = nn.ModuleList(
-            [AttentionBlock(channels, head_dim, expansion) for _ in range(num_layers)])
+            [AttentionBlock(channels, head_dim, expansion, norm, qk_norm, mlp) for _ in range(num_layers)])
         self.proj_out = nn.Linear(channels, 2 * in_channels)
         with torch.no_grad():
             self.proj_out.weight.zero_()
         self.register_buffer("attn_mask", torch.tril(torch.ones(num_patches, num_patches)))
+        if rope:  # integers, so `.to(dtype)` leaves them exact; not part of the state_dict
+            grid = math.isqrt(num_patches)
+            self.register_buffer("rope_positions", rope_positions(grid, flip), persistent=False)
+
+    def positions(self) -> tuple[torch.Tensor | float, tuple[torch.Tensor, torch.Tensor] | None]:
+        """What carries token positions in block order: the learned `pos_embed` (T, C) added to
+        the input, or (with RoPE) 0 and the (cos, sin) tables that turn q and k."""
+        if self.rope:
+            return 0.0, rope_tables(self.rope_positions, self.head_dim)
+        return self.permute(self.pos_embed, dim=0), None
 
     def permute(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """The block's token order; a flip is its own inverse."""
@@ -155,9 +265,10 @@ class MetaBlock(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, T, D) -> z = (x - b) * exp(-a), and per-sample log|det| / dims (N,)."""
         x = self.permute(x)
-        h = self.proj_in(x) + self.permute(self.pos_embed, dim=0) + self.condition(y)
+        pos, rope = self.positions()
+        h = self.proj_in(x) + pos + self.condition(y)
         for layer in self.attn_blocks:
-            h = layer(h, self.attn_mask)
+            h = layer(h, self.attn_mask, rope=rope)
         out = self.proj_out(h).float()
         out = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)  # token t sees only x[<t]
         a, b = out.chunk(2, dim=-1)
@@ -187,14 +298,15 @@ class MetaBlock(nn.Module):
             labels = torch.cat([y.long() if y is not None else dropped, dropped])
             temps = torch.cat([torch.ones(n, device=x.device), torch.full((n,), float(attn_temp), device=x.device)])
         cond = self.condition(labels)
-        pos = self.permute(self.pos_embed, dim=0)
+        pos, rope = self.positions()
         first = self.attn_blocks[0].attention
         caches = [KVCache(branches * n, first.num_heads, t, first.head_dim, like=x) for _ in self.attn_blocks]
         for i in range(t - 1):
             token = x[:, i:i + 1].repeat(branches, 1, 1)
-            h = self.proj_in(token) + pos[i:i + 1] + cond
+            h = self.proj_in(token) + (pos if self.rope else pos[i:i + 1]) + cond
+            token_rope = None if rope is None else (rope[0][i:i + 1], rope[1][i:i + 1])
             for layer, cache in zip(self.attn_blocks, caches):
-                h = layer(h, temp=temps, cache=cache)
+                h = layer(h, temp=temps, cache=cache, rope=token_rope)
             a, b = self.proj_out(h[:, 0]).float().chunk(2, dim=-1)
             a = soft_clip(a, self.clip)
             if guided:
@@ -212,19 +324,28 @@ class Model(nn.Module):
     """The forward flow F: NCHW images -> noise tokens, and its exact inverse.
 
     Constructor arguments are ml-tarflow's (`nvp` must stay True: only the affine flow is
-    ported) plus our `head_dim`, `expansion` and `clip`.
+    ported) plus our `head_dim`, `expansion` and `clip`, and the options ml-tarflow lacks
+    (module docstring): `rope`, `norm`, `qk_norm`, `mlp` and `block_layers` (per-block layer
+    counts in forward order, blocks.0 first; empty: `layers_per_block` for every block).
     """
 
     var: torch.Tensor
 
     def __init__(self, in_channels: int, img_size: int, patch_size: int, channels: int, num_blocks: int,
                  layers_per_block: int, nvp: bool = True, num_classes: int = 0, head_dim: int = 64,
-                 expansion: int = 4, clip: float = 0.0):
+                 expansion: int = 4, clip: float = 0.0, rope: bool = False, norm: str = "layernorm",
+                 qk_norm: bool = False, mlp: str = "gelu", block_layers: tuple[int, ...] | list[int] = ()):
         super().__init__()
         if not nvp:
             raise ValueError("only the affine flow (nvp=True) is ported")
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
+        if rope and head_dim % 4:
+            raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
+        layers = tuple(int(n) for n in block_layers) or (layers_per_block,) * num_blocks
+        if len(layers) != num_blocks or min(layers) < 1:
+            raise ValueError(f"block_layers must give {num_blocks} positive layer counts (one per block), "
+                             f"got {list(block_layers)}")
         self.in_channels = in_channels
         self.img_size = img_size
         self.patch_size = patch_size
@@ -232,8 +353,9 @@ class Model(nn.Module):
         self.num_patches = (img_size // patch_size) ** 2
         self.token_dim = in_channels * patch_size**2
         self.blocks = nn.ModuleList([
-            MetaBlock(self.token_dim, channels, self.num_patches, flip=bool(i % 2), num_layers=layers_per_block,
-                      head_dim=head_dim, expansion=expansion, num_classes=num_classes, clip=clip)
+            MetaBlock(self.token_dim, channels, self.num_patches, flip=bool(i % 2), num_layers=layers[i],
+                      head_dim=head_dim, expansion=expansion, num_classes=num_classes, clip=clip, rope=rope,
+                      norm=norm, qk_norm=qk_norm, mlp=mlp)
             for i in range(num_blocks)
         ])
         self.register_buffer("var", torch.ones(self.num_patches, self.token_dim))
