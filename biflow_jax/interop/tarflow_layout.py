@@ -8,6 +8,11 @@ The layout follows ml-tarflow's `transformer_flow.Model`: `blocks.{i}` <-> `bloc
 LayerNorm `weight` <-> Flax `scale`, and a torch Linear weight (out, in) is the transpose
 of a Flax Dense kernel (in, out). Two buffers have no Flax counterpart: each block's causal
 `attn_mask` (lower-triangular ones) and the model's prior variance `var` (ones).
+
+The improved-flow options of `config.model` (`FLOW_OPTIONS`: RoPE, RMSNorm, QK-norm, SwiGLU,
+per-block layer counts; STARFlow arXiv:2506.06276) change the layout; ml-tarflow has none of
+them, so only `biflow_jax.torch.tarflow.Model` reads such a state_dict
+(`ml_tarflow_compatible` tells which is which).
 """
 
 from __future__ import annotations
@@ -30,16 +35,72 @@ class TensorSpec:
     transpose: bool = False  # a Dense kernel, stored transposed in torch
 
 
+# The improved-flow options of `config.model` and their defaults (ml-tarflow's architecture).
+FLOW_OPTIONS = {"rope": False, "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "block_layers": ()}
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+
+
+def flow_options(model_cfg: Any) -> dict[str, Any]:
+    """The option values of `model_cfg` (defaults for keys an older config lacks), validated:
+    `block_layers` comes back as a tuple of one positive layer count per block, forward order."""
+    options = {key: model_cfg.get(key, default) for key, default in FLOW_OPTIONS.items()}
+    options["rope"], options["qk_norm"] = bool(options["rope"]), bool(options["qk_norm"])
+    if options["norm"] not in NORMS:
+        raise ValueError(f"model.norm must be one of {NORMS}, got {options['norm']!r}")
+    if options["mlp"] not in MLPS:
+        raise ValueError(f"model.mlp must be one of {MLPS}, got {options['mlp']!r}")
+    if options["rope"] and model_cfg["head_dim"] % 4:
+        raise ValueError(f"model.rope needs head_dim divisible by 4, got {model_cfg['head_dim']}")
+    blocks = model_cfg["num_blocks"]
+    given = tuple(int(n) for n in (options["block_layers"] or ()))
+    layers = given or (int(model_cfg["layers_per_block"]),) * blocks
+    if len(layers) != blocks or min(layers) < 1:
+        raise ValueError(f"model.block_layers must give {blocks} positive layer counts (one per block), "
+                         f"got {list(given)}")
+    options["block_layers"] = layers
+    return options
+
+
+def ml_tarflow_lacks(model_cfg: Any) -> list[str]:
+    """The options this flow uses that ml-tarflow's `transformer_flow.Model` lacks, by name
+    (rope, rmsnorm, qk_norm, swiglu, block_layers=[...]); empty for the default architecture."""
+    options = flow_options(model_cfg)
+    used = [name for name, on in (("rope", options["rope"]), ("rmsnorm", options["norm"] == "rmsnorm"),
+                                  ("qk_norm", options["qk_norm"]), ("swiglu", options["mlp"] == "swiglu")) if on]
+    if len(set(options["block_layers"])) > 1 or options["block_layers"][0] != model_cfg["layers_per_block"]:
+        used.append(f"block_layers={list(options['block_layers'])}")
+    return used
+
+
+def ml_tarflow_compatible(model_cfg: Any) -> bool:
+    """Whether the exported state_dict has ml-tarflow's layout: every improved-flow option off.
+
+    (head_dim, expansion and clip are our constructor extras and do not change the names;
+    they are recorded in forward_config.json.)
+    """
+    return not ml_tarflow_lacks(model_cfg)
+
+
+def swiglu_hidden(channels: int, expansion: int) -> int:
+    """SwiGLU's hidden width: 2/3 of the GELU MLP's (the same parameter count), rounded up to a multiple of 8."""
+    return 8 * -(-2 * expansion * channels // 24)
+
+
 def state_dict_layout(model_cfg: Any) -> dict[str, TensorSpec]:
-    """Every key ml-tarflow's Model has for this config, with its shape and Flax origin.
+    """Every key the PyTorch Model has for this config, with its shape and Flax origin: exactly
+    ml-tarflow's keys when `ml_tarflow_compatible(model_cfg)`.
 
     `model_cfg` is the `config.model` section (a ConfigDict or a plain dict).
     """
+    options = flow_options(model_cfg)
     patch = model_cfg["patch_size"]
     tokens = (model_cfg["img_size"] // patch) ** 2
     token_dim = model_cfg["in_channels"] * patch * patch
     width = model_cfg["channels"]
+    head_dim = model_cfg["head_dim"]
     hidden = width * model_cfg["expansion"]
+    swiglu = swiglu_hidden(width, model_cfg["expansion"])
     classes = model_cfg["num_classes"]
 
     layout: dict[str, TensorSpec] = {}
@@ -48,24 +109,33 @@ def state_dict_layout(model_cfg: Any) -> dict[str, TensorSpec]:
         layout[f"{torch_name}.weight"] = TensorSpec(flax_path + ("kernel",), (fan_out, fan_in), transpose=True)
         layout[f"{torch_name}.bias"] = TensorSpec(flax_path + ("bias",), (fan_out,))
 
-    def add_norm(torch_name: str, flax_path: FlaxPath) -> None:
-        layout[f"{torch_name}.weight"] = TensorSpec(flax_path + ("scale",), (width,))
-        layout[f"{torch_name}.bias"] = TensorSpec(flax_path + ("bias",), (width,))
+    def add_norm(torch_name: str, flax_path: FlaxPath, dim: int = width) -> None:
+        layout[f"{torch_name}.weight"] = TensorSpec(flax_path + ("scale",), (dim,))
+        if options["norm"] == "layernorm":  # RMSNorm has no bias
+            layout[f"{torch_name}.bias"] = TensorSpec(flax_path + ("bias",), (dim,))
 
-    for i in range(model_cfg["num_blocks"]):
+    for i, num_layers in enumerate(options["block_layers"]):
         torch_block, flax_block = f"blocks.{i}", (f"blocks_{i}",)
         add_linear(f"{torch_block}.proj_in", flax_block + ("proj_in",), token_dim, width)
-        layout[f"{torch_block}.pos_embed"] = TensorSpec(flax_block + ("pos_embed",), (tokens, width))
+        if not options["rope"]:  # RoPE replaces the learned position embedding
+            layout[f"{torch_block}.pos_embed"] = TensorSpec(flax_block + ("pos_embed",), (tokens, width))
         if classes:
             layout[f"{torch_block}.class_embed"] = TensorSpec(flax_block + ("class_embed",), (classes, 1, width))
-        for l in range(model_cfg["layers_per_block"]):
+        for l in range(num_layers):
             torch_layer, flax_layer = f"{torch_block}.attn_blocks.{l}", flax_block + (f"attn_blocks_{l}",)
             add_norm(f"{torch_layer}.attention.norm", flax_layer + ("attention", "norm"))
             add_linear(f"{torch_layer}.attention.qkv", flax_layer + ("attention", "qkv"), width, 3 * width)
             add_linear(f"{torch_layer}.attention.proj", flax_layer + ("attention", "proj"), width, width)
+            if options["qk_norm"]:
+                add_norm(f"{torch_layer}.attention.q_norm", flax_layer + ("attention", "q_norm"), head_dim)
+                add_norm(f"{torch_layer}.attention.k_norm", flax_layer + ("attention", "k_norm"), head_dim)
             add_norm(f"{torch_layer}.mlp.norm", flax_layer + ("mlp", "norm"))
-            add_linear(f"{torch_layer}.mlp.main.0", flax_layer + ("mlp", "main_0"), width, hidden)
-            add_linear(f"{torch_layer}.mlp.main.2", flax_layer + ("mlp", "main_2"), hidden, width)
+            if options["mlp"] == "swiglu":
+                add_linear(f"{torch_layer}.mlp.gate_up", flax_layer + ("mlp", "gate_up"), width, 2 * swiglu)
+                add_linear(f"{torch_layer}.mlp.down", flax_layer + ("mlp", "down"), swiglu, width)
+            else:
+                add_linear(f"{torch_layer}.mlp.main.0", flax_layer + ("mlp", "main_0"), width, hidden)
+                add_linear(f"{torch_layer}.mlp.main.2", flax_layer + ("mlp", "main_2"), hidden, width)
         add_linear(f"{torch_block}.proj_out", flax_block + ("proj_out",), width, 2 * token_dim)
         layout[f"{torch_block}.attn_mask"] = TensorSpec(None, (tokens, tokens))
     layout["var"] = TensorSpec(None, (tokens, token_dim))
