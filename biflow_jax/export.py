@@ -3,6 +3,8 @@
 Writes OUT/forward.safetensors (apple/ml-tarflow's state_dict names and layout, float32)
 and OUT/forward_config.json (ml-tarflow's constructor arguments plus ours), which
 `biflow_jax.torch.load(OUT)` turns back into a PyTorch model. No torch needed here.
+A flow with improved-flow options (RoPE, SwiGLU, ...) gets a note: only biflow_jax.torch
+reads it, ml-tarflow cannot.
 For a stage-2 (BiFlow) workdir it also writes the reverse model G as
 OUT/reverse.safetensors + OUT/reverse_config.json (names: `biflow_jax.interop.reverse_layout`).
 """
@@ -10,12 +12,13 @@ OUT/reverse.safetensors + OUT/reverse_config.json (names: `biflow_jax.interop.re
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from biflow_jax import runs
 from biflow_jax.errors import EXPECTED_ERRORS
 from biflow_jax.interop.reverse_layout import reverse_params_to_state_dict
-from biflow_jax.interop.torch_files import export_flow, export_reverse, reverse_export_config
+from biflow_jax.interop.torch_files import export_flow, export_reverse, forward_export_note, reverse_export_config
 
 
 def export_workdir(workdir: str, out_dir: str, ema: bool = True) -> list[dict[str, str]]:
@@ -54,6 +57,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     for paths in written:
         print(f"wrote {paths['weights']} and {paths['config']}")
+    with open(written[0]["config"]) as f:  # the flow's forward_config.json holds its options
+        note = forward_export_note(json.load(f))
+    if note:
+        print(note)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 
 from biflow_jax import config_files, runs
 from biflow_jax.errors import EXPECTED_ERRORS
-from biflow_jax.interop.tarflow_layout import state_dict_to_flow_params
+from biflow_jax.interop.tarflow_layout import ml_tarflow_lacks, state_dict_to_flow_params
 from biflow_jax.interop.torch_files import to_numpy, unwrap_state_dict
 from biflow_jax.models import registry
 
@@ -85,7 +85,14 @@ def import_state_dict(state_dict: Mapping[str, Any], config: Any, workdir: str) 
     not empty) before anything is written.
     """
     state = {name: to_numpy(value) for name, value in unwrap_state_dict(state_dict).items()}
-    params = state_dict_to_flow_params(state, config.model)
+    try:
+        params = state_dict_to_flow_params(state, config.model)
+    except ValueError as err:
+        lacks = ml_tarflow_lacks(config.model)
+        if lacks and "does not match the config" in str(err):  # likely an ml-tarflow file, an option config
+            raise ValueError(f"{err} (the config uses {', '.join(lacks)}, which an apple/ml-tarflow "
+                             "checkpoint never has)") from None
+        raise
     _check_against_model(params, config.model)
     if not np.all(state["var"] == 1.0):
         logging.warning("the checkpoint's prior variance `var` is not 1 (max |var - 1| = %.3g); our sampler "

@@ -1,7 +1,9 @@
 """PyTorch-side files: the export format (safetensors + JSON configs) and reading torch checkpoints.
 
 Export: `forward.safetensors` holds exactly ml-tarflow's `transformer_flow.Model` state_dict
-(TARFlow, arXiv:2412.06329) and `forward_config.json` its constructor arguments;
+(TARFlow, arXiv:2412.06329) and `forward_config.json` its constructor arguments, unless the
+flow uses improved-flow options ml-tarflow lacks (RoPE, SwiGLU, ...; STARFlow arXiv:2506.06276):
+then only `biflow_jax.torch.tarflow.Model` reads it, and config and metadata say so;
 `reverse.safetensors` / `reverse_config.json` hold BiFlow's G for `biflow_jax.torch`.
 Import: the state_dict inside whatever a training script saved (wrappers, DDP prefixes).
 Pure functions of arrays and configs; workdirs are the CLIs' business (biflow_jax.export,
@@ -19,7 +21,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from biflow_jax.interop.reverse_layout import reverse_params_to_state_dict
-from biflow_jax.interop.tarflow_layout import flow_params_to_state_dict
+from biflow_jax.interop.tarflow_layout import flow_options, flow_params_to_state_dict, ml_tarflow_lacks
 
 FORWARD_WEIGHTS = "forward.safetensors"
 FORWARD_CONFIG = "forward_config.json"
@@ -62,11 +64,20 @@ def forward_config(config: Any) -> dict[str, Any]:
     """ml-tarflow's `Model(...)` arguments for this flow, plus our extras.
 
     Extras: head_dim, expansion, clip (architecture), and the training noise (noise_type,
-    noise_std) so a PyTorch user knows what the model's data distribution was.
+    noise_std) so a PyTorch user knows what the model's data distribution was. A flow with
+    improved-flow options also records them (rope, norm, qk_norm, mlp, block_layers) and
+    `ml_tarflow_compatible: false`; a default flow's file stays exactly ml-tarflow's arguments
+    plus the extras above, as it always was.
     """
     model = config.model
     train = config.get("train", None) or {}
-    return {
+    options = {}
+    if ml_tarflow_lacks(model):
+        given = flow_options(model)
+        options = {"rope": given["rope"], "norm": str(given["norm"]), "qk_norm": given["qk_norm"],
+                   "mlp": str(given["mlp"]), "block_layers": [int(n) for n in (model.get("block_layers") or ())],
+                   "ml_tarflow_compatible": False}
+    return options | {
         "in_channels": int(model.in_channels),
         "img_size": int(model.img_size),
         "patch_size": int(model.patch_size),
@@ -84,12 +95,29 @@ def forward_config(config: Any) -> dict[str, Any]:
     }
 
 
+def forward_layout_name(model_cfg: Any) -> str:
+    """The safetensors `layout` metadata: which PyTorch class the state_dict belongs to."""
+    lacks = ml_tarflow_lacks(model_cfg)
+    if not lacks:
+        return "ml-tarflow transformer_flow.Model"
+    return f"biflow_jax.torch.tarflow.Model (options ml-tarflow lacks: {', '.join(lacks)})"
+
+
+def forward_export_note(model_cfg: Any) -> str | None:
+    """One line for the export command when ml-tarflow cannot load the flow; None when it can."""
+    lacks = ml_tarflow_lacks(model_cfg)
+    if not lacks:
+        return None
+    return (f"note: this flow uses {', '.join(lacks)}: biflow_jax.torch.load reads it; "
+            "apple/ml-tarflow's transformer_flow.Model cannot")
+
+
 def export_flow(config: Any, params: Any, out_dir: str) -> dict[str, str]:
     """Write the flow's weights and config into `out_dir` (created if needed); return the paths."""
     state_dict = flow_params_to_state_dict(params, config.model)
     os.makedirs(out_dir, exist_ok=True)
     paths = {"weights": os.path.join(out_dir, FORWARD_WEIGHTS), "config": os.path.join(out_dir, FORWARD_CONFIG)}
-    save_file(state_dict, paths["weights"], metadata={"format": "pt", "layout": "ml-tarflow transformer_flow.Model"})
+    save_file(state_dict, paths["weights"], metadata={"format": "pt", "layout": forward_layout_name(config.model)})
     with open(paths["config"], "w") as f:
         json.dump(forward_config(config), f, indent=2, sort_keys=True)
     return paths
