@@ -232,9 +232,12 @@ def train_locked(objective: Objective, evaluators: Sequence[Any], config: ml_col
             unverified = step
             checkpoint.prune(mngr, train.keep_checkpoints, unverified=step)
     mngr.wait_until_finished()
-    mngr.close()
     if not results:  # the run was already complete: report its final state
         results = evaluate(train.steps, final=True)
+    if unverified is not None:  # the final save: its loss is the next step's, taken here and not applied
+        state, _ = train_step(state, train_step.put_batch(next(batches)), frozen)  # `state` is not used after
+        verify_saved(mngr, state, train.steps + 1, verified, unverified, train.keep_checkpoints)
+    mngr.close()
     writer.flush()
     return results
 

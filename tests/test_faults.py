@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -130,12 +131,20 @@ def test_divergence_never_leaves_a_poisoned_newest_checkpoint(base_run, tmp_path
     workdir = copy_of(base_run, tmp_path, "diverged")
     with pytest.raises(TrainingError, match="NaN/inf") as err:
         train(tiny_config(12, checkpoint_every=1, lr=1e3), workdir)
-    newest = steps_of(workdir)[-1]
+    good = steps_of(workdir)
+    newest = good[-1]
     assert f"last good checkpoint is step {newest}" in str(err.value)
-    assert len(steps_of(workdir)) == 2  # keep_checkpoints good steps: none was dropped for an unverified one
+    assert len(good) == 2  # keep_checkpoints good steps: none was dropped for an unverified one
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree_util.tree_leaves(saved_params(workdir, newest)))
-    train(tiny_config(newest + 2), workdir)  # a normal run resumes from it
-    assert steps_of(workdir)[-1] == newest + 2
+    poisoned = int(re.search(r"params saved at step (\d+) diverged", str(err.value)).group(1))
+    # The same updates in a run that ends at the poisoned step: its final save is verified after the loop
+    # (the loss of the next batch) and deleted, not left as the newest checkpoint.
+    with pytest.raises(TrainingError, match=f"params saved at step {poisoned} diverged"):
+        train(tiny_config(poisoned, checkpoint_every=1, lr=1e3), workdir)
+    assert steps_of(workdir) == good
+    train(tiny_config(newest + 2, checkpoint_every=1), workdir)  # a normal run resumes from it
+    # Its final save is verified at the end, so keep_checkpoints=2 leaves exactly the last two steps.
+    assert steps_of(workdir) == [newest + 1, newest + 2]
     final = saved_params(workdir, newest + 2)
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree_util.tree_leaves(final))
 
@@ -162,8 +171,8 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_step(base_run, t
     assert len(warnings) == 1 and "\n" not in warnings[0], warnings
     assert "checkpoint step 4" in warnings[0] and "falling back to step 2" in warnings[0]
     assert "/checkpoints/4/params" in warnings[0]  # names the bad file's database
-    # Step 4 trained again from step 2 and saved afresh; step 6's loss is unseen, so 2 good steps stay with it.
-    assert steps_of(workdir) == [2, 4, 6]
+    # Step 4 trained again from step 2 and saved afresh; the final step 6 is verified at the end, so 2 remain.
+    assert steps_of(workdir) == [4, 6]
 
 
 def test_read_modes_say_damaged_not_missing(base_run, tmp_path):
