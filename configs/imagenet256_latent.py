@@ -26,7 +26,9 @@ Variants:
          7 & 8, layer 6, on the VAE-decoded posterior mean (needs --config.align.weights=).
   smoke  a tiny CPU run: a generated image folder (--config.latent.source.folder=), a tiny
          random VAE (--config.latent.vae_path=), both stages for a few steps.
-The improved-flow options (RoPE, SwiGLU, ...) are model flags of their own, off here.
+Improved flow: b2, xl2 and rrepa use 2D RoPE and SwiGLU (R-REPA's latent flow; BiFlow's
+"improved TARFlow"); smoke turns on every option (RoPE, RMSNorm, QK-norm, SwiGLU and a
+deep-shallow (1, 2) layer schedule) so the CPU run exercises them in both stages.
 """
 
 import ml_collections
@@ -49,7 +51,8 @@ def latent_imagenet() -> ml_collections.ConfigDict:
     c.data = common.data(name="latents", folder="", image_size=32, channels=4, num_classes=1000,
                          train_split="train", test_split="validation", random_flip=True)
     c.model = common.flow_model(img_size=32, in_channels=4, patch_size=2, channels=768, num_blocks=8,
-                                layers_per_block=2, num_classes=1000, head_dim=64, clip=4.0, dtype="bfloat16")
+                                layers_per_block=2, num_classes=1000, head_dim=64, clip=4.0, dtype="bfloat16",
+                                rope=True, mlp="swiglu")
     c.train = common.flow_train(batch_size=256, eval_batch_size=256, steps=160 * STEPS_PER_EPOCH,
                                 noise="gaussian", noise_std=0.3, ema_decay=0.9999, log_every=500,
                                 eval_every=10 * STEPS_PER_EPOCH, checkpoint_every=5000, keep_checkpoints=3)
@@ -75,7 +78,8 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data = common.data(name="latents", folder="", image_size=8, channels=4, num_classes=2, random_flip=True,
                          shuffle_buffer=64)
     c.model = common.flow_model(img_size=8, in_channels=4, patch_size=2, channels=32, num_blocks=2,
-                                layers_per_block=1, num_classes=2, head_dim=16, clip=4.0)
+                                layers_per_block=1, num_classes=2, head_dim=16, clip=4.0, rope=True,
+                                norm="rmsnorm", qk_norm=True, mlp="swiglu", block_layers=(1, 2))
     c.train = common.flow_train(batch_size=4, eval_batch_size=4, steps=3, noise="gaussian", noise_std=0.3,
                                 log_every=1, eval_every=3, checkpoint_every=3, keep_checkpoints=1)
     c.optim = common.optim(lr=1e-3, warmup_steps=1)

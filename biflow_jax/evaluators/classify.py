@@ -108,10 +108,10 @@ def training_free_top1(config: ml_collections.ConfigDict, model: TARFlow, params
 def probe_locations(model: TARFlow) -> tuple[Location, ...]:
     """Every (block, layer) of a small flow; for a large one, each block's layer 3L/4 (the
     paper's layer 6 of 8), so the stored features stay a few GB at most."""
-    if model.num_blocks * model.layers_per_block <= 16:
-        return tuple((b, l) for b in range(1, model.num_blocks + 1) for l in range(1, model.layers_per_block + 1))
-    layer = max(1, 3 * model.layers_per_block // 4)
-    return tuple((b, layer) for b in range(1, model.num_blocks + 1))
+    counts = model.layer_counts
+    if sum(counts) <= 16:
+        return tuple((b, l) for b, n in enumerate(counts, 1) for l in range(1, n + 1))
+    return tuple((b, max(1, 3 * n // 4)) for b, n in enumerate(counts, 1))
 
 
 def pooled_features(model: TARFlow, params: Any, x: Array,

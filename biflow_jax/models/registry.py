@@ -33,8 +33,11 @@ def build_flow(cfg: Any) -> TARFlow:
     name = cfg.get("name", "tarflow")
     if name not in FLOWS:
         raise ConfigError(f"model.name={name!r} is not a known flow; choose from {FLOWS}")
-    dtype(cfg.dtype, "model.dtype")
-    return tarflow.build_flow(cfg)
+    dtype(cfg["dtype"], "model.dtype")
+    try:
+        return tarflow.build_flow(cfg)
+    except ValueError as err:  # an unusable option value: a config error, named by its key
+        raise ConfigError(str(err)) from err
 
 
 def reverse_fields(cfg: Any) -> dict[str, Any]:

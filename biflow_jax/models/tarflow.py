@@ -22,6 +22,13 @@ Performance notes (profiled on CPU, kept accelerator-ready):
 - `scan_layers` puts each block's layers under `nn.scan` (params stacked on a leading
   axis: convert with `stack_layer_params` / `unstack_layer_params`), and `remat`
   ("none" | "full" | "dots") rematerialises each layer in the backward pass.
+
+Improved-TARFlow options (STARFlow arXiv:2506.06276, R-REPA arXiv:2511.22345), each off by
+default so the default flow stays exactly ml-tarflow's: `rope` (2D axial rotary positions,
+RoFormer arXiv:2104.09864, replacing the learned `pos_embed`), `norm="rmsnorm"` (arXiv:1910.07467),
+`qk_norm` (per-head norm of q and k), `mlp="swiglu"` (arXiv:2002.05202) and `block_layers`
+(a per-block layer count: STARFlow's deep-shallow flow). Only `biflow_jax.torch` reads a flow
+exported with any of them; ml-tarflow cannot.
 """
 
 from __future__ import annotations
@@ -98,6 +105,51 @@ def soft_clip(a: Array, clip: float) -> Array:
     if clip <= 0:
         return a
     return clip * jnp.tanh(a / clip)
+
+
+# The optional `config.model` keys and their defaults (the ml-tarflow model): a run saved before a key
+# existed is read with its default.
+OPTION_DEFAULTS = dict(scan_layers=False, remat="none", rope=False, norm="layernorm", qk_norm=False, mlp="gelu",
+                       block_layers=())
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+ROPE_BASE = 10000.0
+
+
+def make_norm(kind: str, dtype: Any, name: str) -> nn.Module:
+    """A pre-norm of the given kind (eps 1e-5 as in torch), parameters float32, maths in `accum_dtype`."""
+    if kind == "rmsnorm":
+        return nn.RMSNorm(epsilon=1e-5, dtype=accum_dtype(dtype), param_dtype=jnp.float32, name=name)
+    return nn.LayerNorm(epsilon=1e-5, dtype=accum_dtype(dtype), param_dtype=jnp.float32, name=name)
+
+
+def rope_tables(grid: int, head_dim: int, flip: bool, dtype: Any = jnp.float32) -> tuple[Array, Array]:
+    """cos and sin (T, head_dim) of 2D axial RoPE for a grid x grid raster, in block order.
+
+    The head vector is four quarters [r1, r2, c1, c2]: (r1, r2) pairs turn by the token's row,
+    (c1, c2) by its column, at frequencies ROPE_BASE^(-i / (head_dim / 4)). A flipped block's
+    token j is raster token T-1-j and keeps that token's angles, so relative offsets stay true.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
+    quarter = head_dim // 4
+    freqs = ROPE_BASE ** (-jnp.arange(quarter, dtype=dtype) / quarter)
+    t = jnp.arange(grid * grid)
+    if flip:
+        t = t[::-1]
+    row = (t // grid).astype(dtype)[:, None] * freqs
+    col = (t % grid).astype(dtype)[:, None] * freqs
+    angles = jnp.concatenate([row, row, col, col], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate (N, T, heads, head_dim) q or k by per-token (T, head_dim) tables; maths in cos's dtype."""
+    quarter = x.shape[-1] // 4
+    xf = x.astype(cos.dtype)
+    r1, r2, c1, c2 = (xf[..., i * quarter:(i + 1) * quarter] for i in range(4))
+    turned = jnp.concatenate([-r2, r1, -c2, c1], axis=-1)
+    return (xf * cos[:, None] + turned * sin[:, None]).astype(x.dtype)
 
 
 def _use_dot_product_attention() -> bool:
@@ -181,43 +233,58 @@ def decode_attention(q: Array, past: tuple[Array, Array], chunk: tuple[Array, Ar
 
 
 class Attention(nn.Module):
-    """Pre-LN multi-head self-attention with a causal mask, or one cached decoding step."""
+    """Pre-norm multi-head self-attention with a causal mask, or one cached decoding step.
+
+    `rope`, where given, is the (cos, sin) pair of the tokens being processed (see `rope_tables`).
+    """
 
     channels: int
     head_dim: int = 64
     dtype: Any = jnp.float32
+    norm_kind: str = "layernorm"
+    qk_norm: bool = False
 
     def setup(self):
         if self.channels % self.head_dim:
             raise ValueError(f"channels={self.channels} is not a multiple of head_dim={self.head_dim}")
         self.num_heads = self.channels // self.head_dim
-        self.norm = nn.LayerNorm(epsilon=1e-5, dtype=accum_dtype(self.dtype), param_dtype=jnp.float32)
+        self.norm = make_norm(self.norm_kind, self.dtype, "norm")
+        if self.qk_norm:  # one (head_dim,) norm shared by every head, for q and for k
+            self.q_norm = make_norm(self.norm_kind, self.dtype, "q_norm")
+            self.k_norm = make_norm(self.norm_kind, self.dtype, "k_norm")
         self.qkv = linear(3 * self.channels, self.channels, self.dtype, "qkv")
         self.proj = linear(self.channels, self.channels, self.dtype, "proj")
 
-    def _qkv(self, x: Array) -> tuple[Array, Array, Array]:
+    def _qkv(self, x: Array, rope: tuple[Array, Array] | None = None) -> tuple[Array, Array, Array]:
         n, t, _ = x.shape
         qkv = self.qkv(layer_norm(x, self.norm))
         q, k, v = jnp.split(qkv, 3, axis=-1)
         shape = (n, t, self.num_heads, self.head_dim)
-        return q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        if self.qk_norm:
+            q, k = layer_norm(q, self.q_norm), layer_norm(k, self.k_norm)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
 
-    def __call__(self, x: Array, temp: Array | float = 1.0) -> Array:
-        q, k, v = self._qkv(x)
+    def __call__(self, x: Array, temp: Array | float = 1.0, rope: tuple[Array, Array] | None = None) -> Array:
+        q, k, v = self._qkv(x, rope)
         out = causal_attention(q, k, v, temp, accum_dtype(self.dtype))
         return self.proj(out.reshape(x.shape[0], x.shape[1], self.channels))
 
-    def decode(self, x: Array, cache: LayerCache, index: Array, temp: Array | float = 1.0):
+    def decode(self, x: Array, cache: LayerCache, index: Array, temp: Array | float = 1.0,
+               rope: tuple[Array, Array] | None = None):
         """Attend from the single token `x` (N, 1, C) at position `index` to positions 0..index.
 
         `cache` = (past_k, past_v, chunk_k, chunk_v), each (N, heads, rows, head_dim): `past`
         holds positions 0..S-1 (all filled, read only), `chunk` positions S..S+C-1 of which
-        those below `index` are filled; this token's k/v are written to chunk row index - S.
+        those below `index` are filled; this token's k/v are written to chunk row index - S
+        (with RoPE, the rotated k: `rope` is this token's (1, head_dim) cos/sin).
         Shapes are static, so the cache lives in lax loops; a sampler that splits its token
         loop into segments (`advance_cache`) reads only the filled prefix, and since the
         loop-carried chunk is small, so is any copy XLA makes of it.
         """
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x, rope)
         past_k, past_v, chunk_k, chunk_v = cache
         n = x.shape[0]
         heads = (n, self.num_heads, self.head_dim)
@@ -238,19 +305,42 @@ def gelu_exact(x: Array) -> Array:
 
 
 class MLP(nn.Module):
-    """Pre-LN MLP with exact GELU; `main_0`/`main_2` mirror the reference's Sequential indices."""
+    """Pre-norm MLP with exact GELU; `main_0`/`main_2` mirror the reference's Sequential indices."""
 
     channels: int
     expansion: int = 4
     dtype: Any = jnp.float32
+    norm_kind: str = "layernorm"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        h = layer_norm(x, nn.LayerNorm(epsilon=1e-5, dtype=accum_dtype(self.dtype), param_dtype=jnp.float32,
-                                       name="norm"))
+        h = layer_norm(x, make_norm(self.norm_kind, self.dtype, "norm"))
         h = linear(self.channels * self.expansion, self.channels, self.dtype, "main_0")(h)
         h = gelu_exact(h)
         return linear(self.channels, self.channels * self.expansion, self.dtype, "main_2")(h)
+
+
+def swiglu_hidden(channels: int, expansion: int) -> int:
+    """SwiGLU's hidden width: 2/3 of the GELU MLP's (same parameter count), rounded up to a multiple of 8."""
+    raw = -(-2 * expansion * channels // 3)  # ceil(2 e c / 3)
+    return -(-raw // 8) * 8
+
+
+class SwiGLU(nn.Module):
+    """Pre-norm gated MLP, down(silu(gate) * up) (Shazeer, arXiv:2002.05202); `gate_up` holds
+    [gate | up] side by side so one matmul computes both."""
+
+    channels: int
+    expansion: int = 4
+    dtype: Any = jnp.float32
+    norm_kind: str = "layernorm"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        hidden = swiglu_hidden(self.channels, self.expansion)
+        h = layer_norm(x, make_norm(self.norm_kind, self.dtype, "norm"))
+        gate, up = jnp.split(linear(2 * hidden, self.channels, self.dtype, "gate_up")(h), 2, axis=-1)
+        return linear(self.channels, hidden, self.dtype, "down")(jax.nn.silu(gate) * up)
 
 
 class AttentionBlock(nn.Module):
@@ -260,17 +350,22 @@ class AttentionBlock(nn.Module):
     head_dim: int = 64
     expansion: int = 4
     dtype: Any = jnp.float32
+    norm_kind: str = "layernorm"
+    qk_norm: bool = False
+    mlp_kind: str = "gelu"
 
     def setup(self):
-        self.attention = Attention(self.channels, self.head_dim, self.dtype)
-        self.mlp = MLP(self.channels, self.expansion, self.dtype)
+        self.attention = Attention(self.channels, self.head_dim, self.dtype, self.norm_kind, self.qk_norm)
+        mlp_cls = SwiGLU if self.mlp_kind == "swiglu" else MLP
+        self.mlp = mlp_cls(self.channels, self.expansion, self.dtype, self.norm_kind)
 
-    def __call__(self, x: Array, temp: Array | float = 1.0) -> Array:
-        x = x + self.attention(x, temp)
+    def __call__(self, x: Array, temp: Array | float = 1.0, rope: tuple[Array, Array] | None = None) -> Array:
+        x = x + self.attention(x, temp, rope)
         return x + self.mlp(x)
 
-    def decode(self, x: Array, cache: LayerCache, index: Array, temp: Array | float = 1.0):
-        h, cache = self.attention.decode(x, cache, index, temp)
+    def decode(self, x: Array, cache: LayerCache, index: Array, temp: Array | float = 1.0,
+               rope: tuple[Array, Array] | None = None):
+        h, cache = self.attention.decode(x, cache, index, temp, rope)
         x = x + h
         return x + self.mlp(x), cache
 
@@ -303,12 +398,17 @@ class MetaBlock(nn.Module):
     dtype: Any = jnp.float32
     scan_layers: bool = False
     remat: str = "none"
+    rope: bool = False
+    norm_kind: str = "layernorm"
+    qk_norm: bool = False
+    mlp_kind: str = "gelu"
 
     def setup(self):
         self.proj_in = linear(self.channels, self.token_dim, self.dtype, "proj_in")
-        self.pos_embed = self.param(
-            "pos_embed", nn.initializers.normal(0.01), (self.num_tokens, self.channels), jnp.float32
-        )
+        if not self.rope:  # RoPE carries the positions instead of a learned table
+            self.pos_embed = self.param(
+                "pos_embed", nn.initializers.normal(0.01), (self.num_tokens, self.channels), jnp.float32
+            )
         if self.num_classes:
             self.class_embed = self.param(
                 "class_embed", nn.initializers.normal(0.01), (self.num_classes, 1, self.channels), jnp.float32
@@ -316,18 +416,33 @@ class MetaBlock(nn.Module):
         rematerialise, policy = remat_policy(self.remat)
         layer_cls = (nn.remat(AttentionBlock, policy=policy, prevent_cse=not self.scan_layers)
                      if rematerialise else AttentionBlock)
+        layer_args = (self.channels, self.head_dim, self.expansion, self.dtype, self.norm_kind, self.qk_norm,
+                      self.mlp_kind)
         if self.scan_layers:  # one module; nn.scan stacks its params over a leading layer axis
-            self.attn_blocks = layer_cls(self.channels, self.head_dim, self.expansion, self.dtype, name="attn_blocks")
+            self.attn_blocks = layer_cls(*layer_args, name="attn_blocks")
         else:
-            self.attn_blocks = [
-                layer_cls(self.channels, self.head_dim, self.expansion, self.dtype, name=f"attn_blocks_{l}")
-                for l in range(self.num_layers)
-            ]
+            self.attn_blocks = [layer_cls(*layer_args, name=f"attn_blocks_{l}") for l in range(self.num_layers)]
         self.proj_out = linear(2 * self.token_dim, self.channels, self.dtype, "proj_out", zero_kernel=True)
 
     def permute(self, x: Array) -> Array:
         """The block's token order; a flip is its own inverse."""
         return x[:, ::-1] if self.flip else x
+
+    def rope_tables(self) -> tuple[Array, Array] | None:
+        """This block's RoPE (cos, sin), (T, head_dim) in block order; None without RoPE."""
+        if not self.rope:
+            return None
+        return rope_tables(math.isqrt(self.num_tokens), self.head_dim, self.flip, accum_dtype(self.dtype))
+
+    def embed(self, x_perm: Array, index: Array | None = None) -> Array:
+        """proj_in of block-ordered tokens plus the learned position (all T, or the one at `index`)."""
+        h = self.proj_in(x_perm.astype(self.dtype))
+        if self.rope:
+            return h
+        pos = self.pos_embed[::-1] if self.flip else self.pos_embed
+        if index is not None:
+            pos = jax.lax.dynamic_slice_in_dim(pos, index, 1, axis=0)
+        return h + pos.astype(self.dtype)
 
     def condition(self, y: Array | None, class_mix: Array | None = None) -> Array:
         """Class embedding (N or 1, 1, C): a dropped label (y < 0) or no label uses the class mean.
@@ -353,12 +468,11 @@ class MetaBlock(nn.Module):
         Returns the clipped log-scale a, the shift b (both float32) and the hidden state
         after each transformer layer (block order, before the shift).
         """
-        pos = self.pos_embed[::-1] if self.flip else self.pos_embed
-        h = self.proj_in(x_perm.astype(self.dtype)) + pos.astype(self.dtype)
-        h = h + self.condition(y, class_mix).astype(self.dtype)
+        h = self.embed(x_perm) + self.condition(y, class_mix).astype(self.dtype)
+        rope = self.rope_tables()
         if self.scan_layers:
             def body(layer, carry, _):
-                carry = layer(carry, temp)
+                carry = layer(carry, temp, rope)
                 return carry, carry
 
             scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.num_layers)
@@ -367,7 +481,7 @@ class MetaBlock(nn.Module):
         else:
             hiddens = []
             for layer in self.attn_blocks:
-                h = layer(h, temp)
+                h = layer(h, temp, rope)
                 hiddens.append(h)
         out = self.proj_out(h).astype(accum_dtype(self.dtype))
         out = jnp.concatenate([jnp.zeros_like(out[:, :1]), out[:, :-1]], axis=1)
@@ -399,13 +513,13 @@ class MetaBlock(nn.Module):
         that token `index + 1` needs (clipped, float32) and the updated cache.
 
         `index` must lie in the cache's chunk (past rows <= index < past + chunk rows)."""
-        pos = self.pos_embed[::-1] if self.flip else self.pos_embed
-        p = jax.lax.dynamic_slice_in_dim(pos, index, 1, axis=0)
-        h = self.proj_in(x_t[:, None].astype(self.dtype)) + p.astype(self.dtype)
-        h = h + self.condition(y).astype(self.dtype)
+        h = self.embed(x_t[:, None], index) + self.condition(y).astype(self.dtype)
+        rope = self.rope_tables()
+        if rope is not None:
+            rope = tuple(jax.lax.dynamic_slice_in_dim(table, index, 1, axis=0) for table in rope)
         if self.scan_layers:
             def body(layer, carry, layer_cache):
-                return layer.decode(carry, layer_cache, index, temp)
+                return layer.decode(carry, layer_cache, index, temp, rope)
 
             scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": False}, length=self.num_layers)
             h, stacked = scan(self.attn_blocks, h, cache[0])
@@ -413,7 +527,7 @@ class MetaBlock(nn.Module):
         else:
             new_cache = []
             for layer, layer_cache in zip(self.attn_blocks, cache):
-                h, layer_cache = layer.decode(h, layer_cache, index, temp)
+                h, layer_cache = layer.decode(h, layer_cache, index, temp, rope)
                 new_cache.append(layer_cache)
         out = self.proj_out(h)[:, 0].astype(accum_dtype(self.dtype))
         a, b = jnp.split(out, 2, axis=-1)
@@ -451,6 +565,16 @@ class TARFlow(nn.Module):
     dtype: Any = jnp.float32
     scan_layers: bool = False  # each block's layers under nn.scan (stacked params: see stack_layer_params)
     remat: str = "none"  # "none" | "full" | "dots" | "dots_no_batch": per-layer rematerialisation
+    rope: bool = False  # 2D axial RoPE on q, k (no learned pos_embed)
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm": every pre-norm (and the q/k norms)
+    qk_norm: bool = False  # per-head norm of q and k before RoPE
+    mlp: str = "gelu"  # "gelu" | "swiglu"
+    block_layers: tuple[int, ...] = ()  # per-block layer counts, forward order; () = layers_per_block each
+
+    @property
+    def layer_counts(self) -> tuple[int, ...]:
+        """Layers of each block, in forward (data -> noise) order."""
+        return tuple(self.block_layers) or (self.layers_per_block,) * self.num_blocks
 
     @property
     def num_tokens(self) -> int:
@@ -463,14 +587,16 @@ class TARFlow(nn.Module):
     def setup(self):
         if self.img_size % self.patch_size:
             raise ValueError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}")
+        check_options(self.num_blocks, self.head_dim, self.rope, self.norm, self.mlp, self.block_layers)
         self.blocks = [
             MetaBlock(
                 token_dim=self.token_dim, channels=self.channels, num_tokens=self.num_tokens,
-                num_layers=self.layers_per_block, flip=bool(i % 2), num_classes=self.num_classes,
+                num_layers=layers, flip=bool(i % 2), num_classes=self.num_classes,
                 head_dim=self.head_dim, expansion=self.expansion, clip=self.clip, dtype=self.dtype,
-                scan_layers=self.scan_layers, remat=self.remat, name=f"blocks_{i}",
+                scan_layers=self.scan_layers, remat=self.remat, rope=self.rope, norm_kind=self.norm,
+                qk_norm=self.qk_norm, mlp_kind=self.mlp, name=f"blocks_{i}",
             )
-            for i in range(self.num_blocks)
+            for i, layers in enumerate(self.layer_counts)
         ]
 
     def check_images(self, x: Array) -> None:
@@ -511,6 +637,20 @@ class TARFlow(nn.Module):
         return tuple(block.init_cache(batch, dtype, rows) for block in self.blocks)
 
 
+def check_options(num_blocks: int, head_dim: int, rope: bool, norm: str, mlp: str,
+                  block_layers: tuple[int, ...]) -> None:
+    """Raise ValueError naming the `model.*` key of an unusable improved-flow option."""
+    if norm not in NORMS:
+        raise ValueError(f"model.norm must be one of {NORMS}, got {norm!r}")
+    if mlp not in MLPS:
+        raise ValueError(f"model.mlp must be one of {MLPS}, got {mlp!r}")
+    if rope and head_dim % 4:
+        raise ValueError(f"model.rope needs model.head_dim divisible by 4 (2D RoPE), got {head_dim}")
+    if block_layers and (len(block_layers) != num_blocks or min(block_layers) < 1):
+        raise ValueError(f"model.block_layers must give num_blocks={num_blocks} positive layer counts, "
+                         f"got {tuple(block_layers)}")
+
+
 def advance_cache(cache: KVCache, rows: int) -> KVCache:
     """Start the next decode segment: the filled chunk joins the past, and a zero chunk of
     `rows` positions follows it (static shapes: a segment's loop reads a fixed-length prefix)."""
@@ -527,20 +667,26 @@ def advance_cache(cache: KVCache, rows: int) -> KVCache:
 def build_flow(cfg: Any) -> TARFlow:
     """The flow described by a `config.model` ConfigDict (or a plain dict with the same keys).
 
-    `scan_layers` (default False) and `remat` (default "none") are optional keys, so older
-    configs build the same per-layer model as before.
+    `scan_layers`, `remat` and the improved-flow options (`rope`, `norm`, `qk_norm`, `mlp`,
+    `block_layers`) are optional keys whose defaults build the ml-tarflow model, so older
+    configs build the same model as before.
     """
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
     if cfg["dtype"] not in dtypes:
         raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {cfg['dtype']!r}")
     remat = cfg.get("remat", "none") or "none"
     remat_policy(remat)
+    block_layers = tuple(int(n) for n in (cfg.get("block_layers", ()) or ()))
+    check_options(cfg["num_blocks"], cfg["head_dim"], bool(cfg.get("rope", False)),
+                  cfg.get("norm", "layernorm") or "layernorm", cfg.get("mlp", "gelu") or "gelu", block_layers)
     return TARFlow(
         img_size=cfg["img_size"], in_channels=cfg["in_channels"], patch_size=cfg["patch_size"],
         channels=cfg["channels"], num_blocks=cfg["num_blocks"], layers_per_block=cfg["layers_per_block"],
         num_classes=cfg["num_classes"], head_dim=cfg["head_dim"], expansion=cfg["expansion"],
         clip=cfg["clip"], dtype=dtypes[cfg["dtype"]], scan_layers=bool(cfg.get("scan_layers", False)),
-        remat=remat,
+        remat=remat, rope=bool(cfg.get("rope", False)), norm=cfg.get("norm", "layernorm") or "layernorm",
+        qk_norm=bool(cfg.get("qk_norm", False)), mlp=cfg.get("mlp", "gelu") or "gelu",
+        block_layers=block_layers,
     )
 
 

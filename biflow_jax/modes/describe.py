@@ -45,8 +45,12 @@ def describe_flow(config: ml_collections.ConfigDict) -> dict[str, Any]:
     yb = None if y is None else jax.ShapeDtypeStruct((FLOP_BATCH,), jnp.int32)
     f = flops(lambda p, xx, yy: model.apply(p, xx, yy).z, params, xb, yb)
     grid = config.model.img_size // config.model.patch_size
+    layers = (f"{model.layers_per_block} layers" if not model.block_layers
+              else f"({', '.join(map(str, model.block_layers))}) layers")
+    options = [name for name, on in (("RoPE", model.rope), ("RMSNorm", model.norm == "rmsnorm"),
+                                     ("QK-norm", model.qk_norm), ("SwiGLU", model.mlp == "swiglu")) if on]
     return {"name": "flow", "model": f"{config.model.get('name', 'tarflow')} {model.num_blocks} blocks x "
-            f"{model.layers_per_block} layers, width {model.channels}, patch {model.patch_size}",
+            f"{layers}, width {model.channels}, patch {model.patch_size}" + "".join(f", {o}" for o in options),
             "params": count(params), "classes": model.num_classes, "tokens": model.num_tokens,
             "token_grid": [grid, grid], "token_dim": model.token_dim,
             "flops_per_image": None if f is None else f / FLOP_BATCH}

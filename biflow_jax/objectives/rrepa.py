@@ -109,9 +109,12 @@ def validate_align(config: ml_collections.ConfigDict) -> None:
         block, layer = location
         require(1 <= block <= m.num_blocks,
                 f"align.locations block {block} is outside 1..model.num_blocks={m.num_blocks} (1-indexed)")
-        require(1 <= layer <= m.layers_per_block,
-                f"align.locations layer {layer} is outside 1..model.layers_per_block={m.layers_per_block} "
-                "(1-indexed)")
+        layers = tuple(m.get("block_layers", ()) or ()) or (m.layers_per_block,) * m.num_blocks
+        if len(layers) != m.num_blocks:
+            continue  # a malformed model.block_layers is named when the flow is built
+        require(1 <= layer <= layers[block - 1],
+                f"align.locations layer {layer} is outside 1..{layers[block - 1]}, the layers of block {block} "
+                "(model.layers_per_block / model.block_layers; 1-indexed)")
     require(a.weight >= 0, f"align.weight={a.weight} must be >= 0")
     require(a.projector_hidden > 0, f"align.projector_hidden={a.projector_hidden} must be positive")
     require(a.encoder in DINO_SIZES + (TINY_ENCODER,),
