@@ -22,6 +22,7 @@ from conftest import REPO, quick_config
 from biflow_jax import checkpoint, import_torch, runs, trainer, workdir_lock
 from biflow_jax.errors import CheckpointError, TrainingError, WorkdirBusyError
 from biflow_jax.models import registry
+from biflow_jax.modes import sample as sample_mode
 from biflow_jax.objectives import flow
 
 TINY = ["--config.model.num_blocks=2", "--config.model.layers_per_block=1", "--config.model.channels=32",
@@ -80,18 +81,31 @@ def copy_of(base_run, tmp_path, name):
     return workdir
 
 
+def cli(*args):
+    return subprocess.Popen([sys.executable, "-m", "biflow_jax.main", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
 def test_second_writer_exits_2_and_leaves_the_first_runs_files_byte_identical(base_run, tmp_path):
+    """A training run and a sample run (it writes WORKDIR/samples/) on a workdir a live run owns."""
     workdir = copy_of(base_run, tmp_path, "busy")
     with workdir_lock.hold(workdir):  # this test process is the live first run
         before = digests(workdir)
-        out = subprocess.run([sys.executable, "-m", "biflow_jax.main", "--config=configs/digits.py:quick",
-                              f"--workdir={workdir}", "--config.stage=flow", "--config.train.seed=1", *TINY],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
+        runs_ = {"train": cli("--config=configs/digits.py:quick", f"--workdir={workdir}", "--config.stage=flow",
+                              "--config.train.seed=1", *TINY),
+                 "sample": cli(f"--workdir={workdir}", "--mode=sample", "--num_images=2")}
+        try:
+            outs = {name: (p.communicate(timeout=300)[1], p.returncode) for name, p in runs_.items()}
+        finally:
+            for p in runs_.values():
+                p.kill()
         after = digests(workdir)
-    assert out.returncode == 2, out.stderr[-2000:]
-    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    assert f"pid {os.getpid()}" in errors[0] and socket.gethostname() in errors[0], errors
+    for name, (stderr, returncode) in outs.items():
+        assert returncode == 2, (name, stderr[-2000:])
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in stderr, (name, stderr[-2000:])
+        assert "is in use by another run" in errors[0], errors
+        assert f"pid {os.getpid()}" in errors[0] and socket.gethostname() in errors[0], errors
     assert after == before and workdir_lock.LOCK_FILE in before
     assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))  # released at exit
 
@@ -122,6 +136,22 @@ def test_stale_and_foreign_locks(tmp_path, caplog):
     os.utime(lock, (old, old))
     with workdir_lock.hold(workdir):
         pass
+
+
+def test_read_modes_lock_the_workdir_and_the_stage_run_they_write_into(tmp_path):
+    """sample/edit/compare write WORKDIR/samples/ and the stage run's TensorBoard: both are locked."""
+    job = tmp_path / "job"
+    forward, reverse = str(job / runs.FORWARD_DIR), str(job / runs.REVERSE_DIR)
+    for workdir, stage, objective, flow_workdir in ((forward, "flow", "flow", None),
+                                                    (reverse, "biflow", "biflow", forward)):
+        checkpoint.write_config(workdir, tiny_config(2))
+        runs.write_stage_file(workdir, stage, objective, flow_workdir)
+    locks = [os.path.join(d, workdir_lock.LOCK_FILE) for d in (str(job), forward, reverse)]
+    for workdir, stage, held in ((str(job), "flow", (0, 1)), (str(job), "biflow", (0, 2)),
+                                 (reverse, "flow", (2, 1)), (forward, "biflow", (1,))):
+        with sample_mode.writing_into(workdir, stage):
+            assert [os.path.exists(lock) for lock in locks] == [i in held for i in range(3)], (workdir, stage)
+        assert not any(os.path.exists(lock) for lock in locks)
 
 
 def test_divergence_never_leaves_a_poisoned_newest_checkpoint(base_run, tmp_path):

@@ -49,64 +49,65 @@ def compare(reverse_workdir: str, out_dir: str | None = None, per_class: int = 3
     `per_class` samples of each class are scored (the Frechet distance is biased upwards at
     small counts, so compare figures at equal counts); the grid shows `grid_per_class`.
     """
-    run = runs.load_reverse(reverse_workdir)
-    config, reverse, rparams, flow, fparams = run.config, run.model, run.params, run.flow.model, run.flow.params
-    reverse_workdir = run.workdir
-    out_dir = out_dir or os.path.join(reverse_workdir, "samples")
-    os.makedirs(out_dir, exist_ok=True)
-    k = max(flow.num_classes, 1)
-    labels = jnp.repeat(jnp.arange(k, dtype=jnp.int32), per_class) if flow.num_classes else None
-    n = k * per_class
-    z = jax.random.normal(jax.random.key(seed), (n, flow.num_tokens, flow.token_dim))
-    settings = sample.sample_settings(config)
-    guidance = sample.guidance_from_settings(settings)
-    sigma = sample.denoise_sigma(run.flow.config, settings)
-    w = sample.biflow_guidance(config, reverse, None)
-    to_images = one_nfe.token_images(flow.patch_size, flow.img_size, flow.in_channels)
+    with sample.writing_into(reverse_workdir, "biflow"):
+        run = runs.load_reverse(reverse_workdir)
+        config, reverse, rparams, flow, fparams = run.config, run.model, run.params, run.flow.model, run.flow.params
+        reverse_workdir = run.workdir
+        out_dir = out_dir or os.path.join(reverse_workdir, "samples")
+        os.makedirs(out_dir, exist_ok=True)
+        k = max(flow.num_classes, 1)
+        labels = jnp.repeat(jnp.arange(k, dtype=jnp.int32), per_class) if flow.num_classes else None
+        n = k * per_class
+        z = jax.random.normal(jax.random.key(seed), (n, flow.num_tokens, flow.token_dim))
+        settings = sample.sample_settings(config)
+        guidance = sample.guidance_from_settings(settings)
+        sigma = sample.denoise_sigma(run.flow.config, settings)
+        w = sample.biflow_guidance(config, reverse, None)
+        to_images = one_nfe.token_images(flow.patch_size, flow.img_size, flow.in_channels)
 
-    exact_fn = jax.jit(lambda zz: exact_inverse.generate(flow, fparams, zz, labels, guidance, "cached", sigma))
-    biflow_fn = jax.jit(lambda zz: one_nfe.one_nfe_sample(reverse, rparams, zz, labels, w, to_images=to_images))
-    biflow0_fn = jax.jit(lambda zz: one_nfe.one_nfe_sample(reverse, rparams, zz, labels, 0.0, to_images=to_images))
-    exact, t_exact = timed(exact_fn, z)
-    biflow, t_biflow = timed(biflow_fn, z)
-    biflow0 = np.asarray(biflow0_fn(z))
-    decoder = latent_space.load_decoder(config)  # a latent run's samples are decoded through the frozen VAE
-    to_uint8 = decoder.to_uint8 if decoder is not None else exact_inverse.images_to_uint8
-    exact_u8, biflow_u8, biflow0_u8 = (to_uint8(v) for v in (exact, biflow, biflow0))
+        exact_fn = jax.jit(lambda zz: exact_inverse.generate(flow, fparams, zz, labels, guidance, "cached", sigma))
+        biflow_fn = jax.jit(lambda zz: one_nfe.one_nfe_sample(reverse, rparams, zz, labels, w, to_images=to_images))
+        biflow0_fn = jax.jit(lambda zz: one_nfe.one_nfe_sample(reverse, rparams, zz, labels, 0.0, to_images=to_images))
+        exact, t_exact = timed(exact_fn, z)
+        biflow, t_biflow = timed(biflow_fn, z)
+        biflow0 = np.asarray(biflow0_fn(z))
+        decoder = latent_space.load_decoder(config)  # a latent run's samples are decoded through the frozen VAE
+        to_uint8 = decoder.to_uint8 if decoder is not None else exact_inverse.images_to_uint8
+        exact_u8, biflow_u8, biflow0_u8 = (to_uint8(v) for v in (exact, biflow, biflow0))
 
-    cols = min(grid_per_class, per_class)
-    shown = np.concatenate([np.arange(c * per_class, c * per_class + cols) for c in range(k)])
-    cells, nrow = side_by_side(exact_u8[shown], biflow_u8[shown], cols)
-    title = [f"exact inverse (left) vs BiFlow 1-NFE (right): the same noise and label in each position, "
-             f"checkpoint steps {run.flow.step} / {run.step}",
-             f"showing {cols} of {per_class} per class ({len(shown)} of {n} per model; all in exact_vs_biflow.npz)"]
-    grid = grids.captioned_grid(
-        cells, nrow, title=title,
-        col_groups=[(sample.sampler_caption("exact", guidance.scale), cols), ("", 1),
-                    (sample.sampler_caption("biflow", w), cols)],
-        row_labels=[f"class {c}" for c in range(k)] if flow.num_classes else None)
-    grid_path = grids.save_png(grid, os.path.join(out_dir, "exact_vs_biflow.png"))
-    np.savez(os.path.join(out_dir, "exact_vs_biflow.npz"), exact=exact_u8, biflow=biflow_u8,
-             labels=np.asarray(labels) if labels is not None else np.zeros(n, np.int32))
-    results: dict[str, Any] = {
-        "grid": grid_path, "num_images": n, "biflow_w": w, "exact_guidance": guidance.scale,
-        "exact_images_per_s": n / t_exact, "biflow_images_per_s": n / t_biflow,
-        "speedup": t_exact / t_biflow,
-        "exact_biflow_mean_abs_diff": float(np.mean(np.abs(exact - biflow))),
-    }
-    if config.data.name == "digits" and labels is not None:
-        from biflow_jax.data.digits import digits_arrays
-        from biflow_jax.evaluators import digits_quality
+        cols = min(grid_per_class, per_class)
+        shown = np.concatenate([np.arange(c * per_class, c * per_class + cols) for c in range(k)])
+        cells, nrow = side_by_side(exact_u8[shown], biflow_u8[shown], cols)
+        title = [f"exact inverse (left) vs BiFlow 1-NFE (right): the same noise and label in each position, "
+                 f"checkpoint steps {run.flow.step} / {run.step}",
+                 f"showing {cols} of {per_class} per class ({len(shown)} of {n} per model; all in exact_vs_biflow.npz)"]
+        grid = grids.captioned_grid(
+            cells, nrow, title=title,
+            col_groups=[(sample.sampler_caption("exact", guidance.scale), cols), ("", 1),
+                        (sample.sampler_caption("biflow", w), cols)],
+            row_labels=[f"class {c}" for c in range(k)] if flow.num_classes else None)
+        grid_path = grids.save_png(grid, os.path.join(out_dir, "exact_vs_biflow.png"))
+        np.savez(os.path.join(out_dir, "exact_vs_biflow.npz"), exact=exact_u8, biflow=biflow_u8,
+                 labels=np.asarray(labels) if labels is not None else np.zeros(n, np.int32))
+        results: dict[str, Any] = {
+            "grid": grid_path, "num_images": n, "biflow_w": w, "exact_guidance": guidance.scale,
+            "exact_images_per_s": n / t_exact, "biflow_images_per_s": n / t_biflow,
+            "speedup": t_exact / t_biflow,
+            "exact_biflow_mean_abs_diff": float(np.mean(np.abs(exact - biflow))),
+        }
+        if config.data.name == "digits" and labels is not None:
+            from biflow_jax.data.digits import digits_arrays
+            from biflow_jax.evaluators import digits_quality
 
-        classifier = digits_quality.load_or_train_classifier(classifier_dir or os.path.join(out_dir, "..",
-                                                                                           "digits_classifier"))
-        real_test = digits_arrays()["test"][0]
-        intended = np.asarray(labels)
-        for name, images in (("exact", exact_u8), ("biflow", biflow_u8), ("biflow_w0", biflow0_u8)):
-            scores = digits_quality.evaluate_samples(classifier, images, intended, real_test)
-            results[f"{name}_frechet"] = scores["frechet"]
-            results[f"{name}_label_accuracy"] = scores["label_accuracy"]
-    grids.to_tensorboard(reverse_workdir, run.step, images={"compare/exact_vs_biflow": grid},
-                         scalars={f"compare/{key}": value for key, value in results.items()
-                                  if isinstance(value, float)})
-    return results
+            classifier = digits_quality.load_or_train_classifier(classifier_dir or os.path.join(out_dir, "..",
+                                                                                               "digits_classifier"))
+            real_test = digits_arrays()["test"][0]
+            intended = np.asarray(labels)
+            for name, images in (("exact", exact_u8), ("biflow", biflow_u8), ("biflow_w0", biflow0_u8)):
+                scores = digits_quality.evaluate_samples(classifier, images, intended, real_test)
+                results[f"{name}_frechet"] = scores["frechet"]
+                results[f"{name}_label_accuracy"] = scores["label_accuracy"]
+        grids.to_tensorboard(reverse_workdir, run.step, images={"compare/exact_vs_biflow": grid},
+                             scalars={f"compare/{key}": value for key, value in results.items()
+                                      if isinstance(value, float)})
+        return results

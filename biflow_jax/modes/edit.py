@@ -26,7 +26,7 @@ from biflow_jax import latent_space, likelihood, runs
 from biflow_jax.data import input_pipeline
 from biflow_jax.errors import ConfigError
 from biflow_jax.evaluators import grids, reconstruction
-from biflow_jax.modes.sample import biflow_guidance
+from biflow_jax.modes.sample import biflow_guidance, writing_into
 from biflow_jax.samplers import exact_inverse, one_nfe
 
 INPAINT_DRAWS = 3  # inpaintings per image, each from other noise for the unknown half
@@ -78,117 +78,119 @@ def digits_classifier(run: runs.ReverseRun):
 def run_inpaint(workdir: str, num_images: int = 100, seed: int = 0, out_dir: str | None = None,
                 w: float | None = None) -> dict[str, Any]:
     """Inpaint the bottom half of `num_images` test images INPAINT_DRAWS times; grid, figures, paths."""
-    run = runs.load_reverse(workdir)
-    latent_space.require_pixel_space(run.config, "editing")
-    flow = run.flow.model
-    data = test_images(run, num_images, seed)
-    n = len(data["labels"])
-    y = data["labels"] if flow.num_classes else None
-    encode, decode, w = bound_models(run, w)
-    x = data["clean"]
-    mask = jnp.zeros(x.shape, bool).at[:, : x.shape[1] // 2].set(True)
-    draws = []
-    for k in range(INPAINT_DRAWS):
-        parts = []
-        for a in range(0, n, CHUNK):
-            b = min(a + CHUNK, n)
-            result = one_nfe.inpaint(encode, decode, x[a:b], mask[a:b], None if y is None else y[a:b],
-                                     jax.random.fold_in(jax.random.key(seed), k * n + a), patch_size=flow.patch_size,
-                                     x_encode=data["encode"][a:b])
-            parts.append(exact_inverse.images_to_uint8(result.images))
-        draws.append(np.concatenate(parts))
-    original = data["uint8"].astype(np.int32)
-    unknown = ~np.asarray(mask)
-    errors = np.stack([np.abs(d.astype(np.int32) - original)[unknown] for d in draws])
-    known_diff = max(int(np.abs(d.astype(np.int32) - original)[~unknown].max(initial=0)) for d in draws)
-    metrics: dict[str, Any] = {
-        "num_images": n, "draws_per_image": INPAINT_DRAWS, "seed": seed, "w": w, "known": "top half",
-        "unknown_mae_255": float(errors.mean()),
-        "unknown_rmse_255": float(np.sqrt(np.mean(errors.astype(np.float64) ** 2))),
-        "known_max_abs_diff_255": known_diff,
-    }
-    train_images, _ = input_pipeline.split_arrays(run.config.data, run.config.data.train_split) \
-        if run.config.data.name == "digits" else (None, None)
-    if train_images is not None:  # two fills that know nothing of the image, for scale
-        mean_fill = np.round(train_images.astype(np.float64).mean(0)).astype(np.int32)
-        metrics["mean_image_fill_mae_255"] = float(np.abs(np.broadcast_to(mean_fill, original.shape) -
-                                                          original)[unknown].mean())
-        other = np.random.default_rng(seed).integers(0, len(train_images), (INPAINT_DRAWS, n))
-        metrics["random_digit_fill_mae_255"] = float(np.mean([np.abs(train_images[o].astype(np.int32) -
-                                                                     original)[unknown].mean() for o in other]))
-    classifier = digits_classifier(run)
-    if classifier is not None and y is not None:
-        guesses = [classifier.logits(d).argmax(-1) for d in draws]
-        metrics["classifier_keeps_label"] = float(np.mean([g == np.asarray(y) for g in guesses]))
+    with writing_into(workdir, "biflow"):
+        run = runs.load_reverse(workdir)
+        latent_space.require_pixel_space(run.config, "editing")
+        flow = run.flow.model
+        data = test_images(run, num_images, seed)
+        n = len(data["labels"])
+        y = data["labels"] if flow.num_classes else None
+        encode, decode, w = bound_models(run, w)
+        x = data["clean"]
+        mask = jnp.zeros(x.shape, bool).at[:, : x.shape[1] // 2].set(True)
+        draws = []
+        for k in range(INPAINT_DRAWS):
+            parts = []
+            for a in range(0, n, CHUNK):
+                b = min(a + CHUNK, n)
+                result = one_nfe.inpaint(encode, decode, x[a:b], mask[a:b], None if y is None else y[a:b],
+                                         jax.random.fold_in(jax.random.key(seed), k * n + a),
+                                         patch_size=flow.patch_size, x_encode=data["encode"][a:b])
+                parts.append(exact_inverse.images_to_uint8(result.images))
+            draws.append(np.concatenate(parts))
+        original = data["uint8"].astype(np.int32)
+        unknown = ~np.asarray(mask)
+        errors = np.stack([np.abs(d.astype(np.int32) - original)[unknown] for d in draws])
+        known_diff = max(int(np.abs(d.astype(np.int32) - original)[~unknown].max(initial=0)) for d in draws)
+        metrics: dict[str, Any] = {
+            "num_images": n, "draws_per_image": INPAINT_DRAWS, "seed": seed, "w": w, "known": "top half",
+            "unknown_mae_255": float(errors.mean()),
+            "unknown_rmse_255": float(np.sqrt(np.mean(errors.astype(np.float64) ** 2))),
+            "known_max_abs_diff_255": known_diff,
+        }
+        train_images, _ = input_pipeline.split_arrays(run.config.data, run.config.data.train_split) \
+            if run.config.data.name == "digits" else (None, None)
+        if train_images is not None:  # two fills that know nothing of the image, for scale
+            mean_fill = np.round(train_images.astype(np.float64).mean(0)).astype(np.int32)
+            metrics["mean_image_fill_mae_255"] = float(np.abs(np.broadcast_to(mean_fill, original.shape) -
+                                                              original)[unknown].mean())
+            other = np.random.default_rng(seed).integers(0, len(train_images), (INPAINT_DRAWS, n))
+            metrics["random_digit_fill_mae_255"] = float(np.mean([np.abs(train_images[o].astype(np.int32) -
+                                                                         original)[unknown].mean() for o in other]))
+        classifier = digits_classifier(run)
+        if classifier is not None and y is not None:
+            guesses = [classifier.logits(d).argmax(-1) for d in draws]
+            metrics["classifier_keeps_label"] = float(np.mean([g == np.asarray(y) for g in guesses]))
 
-    shown = min(n, GRID_IMAGES)
-    known_row = np.where(np.asarray(mask[:shown]), data["uint8"][:shown], np.uint8(128))
-    cells = np.concatenate([data["uint8"][:shown], known_row] + [d[:shown] for d in draws])
-    title = [f"inpainting with BiFlow (1 NFE, w={w:g}): top half known, bottom half generated, seed {seed}",
-             f"{grids.shown_note(shown, n, 'the measured set')}; unknown-region MAE "
-             f"{metrics['unknown_mae_255']:.1f}/255" +
-             (f" (fill with the mean digit {metrics['mean_image_fill_mae_255']:.1f}, with a random digit "
-              f"{metrics['random_digit_fill_mae_255']:.1f})" if "mean_image_fill_mae_255" in metrics else "")]
-    rows = ["original", "known (grey: unknown)"] + [f"inpainting {k + 1}" for k in range(INPAINT_DRAWS)]
-    grid = grids.captioned_grid(cells, shown, title=title, row_labels=rows)
-    path = output_dir(workdir, out_dir, "inpaint", w, seed, n)
-    png = grids.save_png(grid, os.path.join(path, "inpaint.png"))
-    write_metrics(path, metrics)
-    name = os.path.basename(os.path.normpath(path))
-    grids.to_tensorboard(run.workdir, run.step, images={f"inpaint/{name}": grid},
-                         scalars={f"inpaint/{k}": v for k, v in metrics.items()
-                                  if k in ("unknown_mae_255", "classifier_keeps_label")})
-    return {"grid": png, "images": n, "metrics": metrics, "out_dir": path}
+        shown = min(n, GRID_IMAGES)
+        known_row = np.where(np.asarray(mask[:shown]), data["uint8"][:shown], np.uint8(128))
+        cells = np.concatenate([data["uint8"][:shown], known_row] + [d[:shown] for d in draws])
+        title = [f"inpainting with BiFlow (1 NFE, w={w:g}): top half known, bottom half generated, seed {seed}",
+                 f"{grids.shown_note(shown, n, 'the measured set')}; unknown-region MAE "
+                 f"{metrics['unknown_mae_255']:.1f}/255" +
+                 (f" (fill with the mean digit {metrics['mean_image_fill_mae_255']:.1f}, with a random digit "
+                  f"{metrics['random_digit_fill_mae_255']:.1f})" if "mean_image_fill_mae_255" in metrics else "")]
+        rows = ["original", "known (grey: unknown)"] + [f"inpainting {k + 1}" for k in range(INPAINT_DRAWS)]
+        grid = grids.captioned_grid(cells, shown, title=title, row_labels=rows)
+        path = output_dir(workdir, out_dir, "inpaint", w, seed, n)
+        png = grids.save_png(grid, os.path.join(path, "inpaint.png"))
+        write_metrics(path, metrics)
+        name = os.path.basename(os.path.normpath(path))
+        grids.to_tensorboard(run.workdir, run.step, images={f"inpaint/{name}": grid},
+                             scalars={f"inpaint/{k}": v for k, v in metrics.items()
+                                      if k in ("unknown_mae_255", "classifier_keeps_label")})
+        return {"grid": png, "images": n, "metrics": metrics, "out_dir": path}
 
 
 def run_class_edit(workdir: str, num_images: int = 100, seed: int = 0, out_dir: str | None = None,
                    w: float | None = None) -> dict[str, Any]:
     """Edit `num_images` test images into every class; grid, the classifier's verdict, paths."""
-    run = runs.load_reverse(workdir)
-    latent_space.require_pixel_space(run.config, "editing")
-    flow = run.flow.model
-    if not flow.num_classes:
-        raise ConfigError("class editing needs a class-conditional model (model.num_classes > 0)")
-    data = test_images(run, num_images, seed)
-    n = len(data["labels"])
-    encode, decode, w = bound_models(run, w)
-    edited = np.zeros((n, flow.num_classes) + data["uint8"].shape[1:], np.uint8)
-    for a in range(0, n, CHUNK):
-        b = min(a + CHUNK, n)
-        source = data["labels"][a:b]
-        for target in range(flow.num_classes):
-            images, _ = one_nfe.class_edit(encode, decode, data["encode"][a:b], source, jnp.full_like(source, target),
-                                           patch_size=flow.patch_size)
-            edited[a:b, target] = exact_inverse.images_to_uint8(images)
-    labels = np.asarray(data["labels"])
-    metrics: dict[str, Any] = {"num_images": n, "seed": seed, "w": w, "classes": flow.num_classes}
-    classifier = digits_classifier(run)
-    verdict = ""
-    if classifier is not None:
-        guesses = classifier.logits(edited.reshape((-1,) + edited.shape[2:])).argmax(-1).reshape(n, -1)
-        targets = np.arange(flow.num_classes)[None]
-        hit = guesses == targets
-        other = targets != labels[:, None]
-        metrics["target_accuracy"] = float(hit[other].mean())
-        metrics["source_kept_accuracy"] = float(hit[~other].mean())
-        metrics["per_target_accuracy"] = [float(hit[other[:, t], t].mean()) if other[:, t].any() else None
-                                          for t in range(flow.num_classes)]
-        metrics["originals_accuracy"] = float(np.mean(classifier.logits(data["uint8"]).argmax(-1) == labels))
-        verdict = (f"; the digits classifier names the target class for {100 * metrics['target_accuracy']:.0f}% "
-                   f"of edits to another class (chance 10%)")
+    with writing_into(workdir, "biflow"):
+        run = runs.load_reverse(workdir)
+        latent_space.require_pixel_space(run.config, "editing")
+        flow = run.flow.model
+        if not flow.num_classes:
+            raise ConfigError("class editing needs a class-conditional model (model.num_classes > 0)")
+        data = test_images(run, num_images, seed)
+        n = len(data["labels"])
+        encode, decode, w = bound_models(run, w)
+        edited = np.zeros((n, flow.num_classes) + data["uint8"].shape[1:], np.uint8)
+        for a in range(0, n, CHUNK):
+            b = min(a + CHUNK, n)
+            source = data["labels"][a:b]
+            for target in range(flow.num_classes):
+                images, _ = one_nfe.class_edit(encode, decode, data["encode"][a:b], source,
+                                               jnp.full_like(source, target), patch_size=flow.patch_size)
+                edited[a:b, target] = exact_inverse.images_to_uint8(images)
+        labels = np.asarray(data["labels"])
+        metrics: dict[str, Any] = {"num_images": n, "seed": seed, "w": w, "classes": flow.num_classes}
+        classifier = digits_classifier(run)
+        verdict = ""
+        if classifier is not None:
+            guesses = classifier.logits(edited.reshape((-1,) + edited.shape[2:])).argmax(-1).reshape(n, -1)
+            targets = np.arange(flow.num_classes)[None]
+            hit = guesses == targets
+            other = targets != labels[:, None]
+            metrics["target_accuracy"] = float(hit[other].mean())
+            metrics["source_kept_accuracy"] = float(hit[~other].mean())
+            metrics["per_target_accuracy"] = [float(hit[other[:, t], t].mean()) if other[:, t].any() else None
+                                              for t in range(flow.num_classes)]
+            metrics["originals_accuracy"] = float(np.mean(classifier.logits(data["uint8"]).argmax(-1) == labels))
+            verdict = (f"; the digits classifier names the target class for {100 * metrics['target_accuracy']:.0f}% "
+                       f"of edits to another class (chance 10%)")
 
-    shown = min(n, GRID_IMAGES)
-    cells = np.concatenate([data["uint8"][:shown, None], edited[:shown]], axis=1).reshape((-1,) + edited.shape[2:])
-    title = [f"class editing with BiFlow (1 NFE, w={w:g}): G(F(x | source) | target), seed {seed}",
-             f"{grids.shown_note(shown, n, 'the measured set')}{verdict}"]
-    grid = grids.captioned_grid(cells, flow.num_classes + 1, title=title,
-                                col_headers=["source"] + [f"to {t}" for t in range(flow.num_classes)],
-                                row_labels=[f"class {int(c)}" for c in labels[:shown]])
-    path = output_dir(workdir, out_dir, "class_edit", w, seed, n)
-    png = grids.save_png(grid, os.path.join(path, "class_edit.png"))
-    write_metrics(path, metrics)
-    name = os.path.basename(os.path.normpath(path))
-    grids.to_tensorboard(run.workdir, run.step, images={f"class_edit/{name}": grid},
-                         scalars={f"class_edit/{k}": v for k, v in metrics.items()
-                                  if k in ("target_accuracy", "source_kept_accuracy")})
-    return {"grid": png, "images": n, "metrics": metrics, "out_dir": path}
+        shown = min(n, GRID_IMAGES)
+        cells = np.concatenate([data["uint8"][:shown, None], edited[:shown]], axis=1).reshape((-1,) + edited.shape[2:])
+        title = [f"class editing with BiFlow (1 NFE, w={w:g}): G(F(x | source) | target), seed {seed}",
+                 f"{grids.shown_note(shown, n, 'the measured set')}{verdict}"]
+        grid = grids.captioned_grid(cells, flow.num_classes + 1, title=title,
+                                    col_headers=["source"] + [f"to {t}" for t in range(flow.num_classes)],
+                                    row_labels=[f"class {int(c)}" for c in labels[:shown]])
+        path = output_dir(workdir, out_dir, "class_edit", w, seed, n)
+        png = grids.save_png(grid, os.path.join(path, "class_edit.png"))
+        write_metrics(path, metrics)
+        name = os.path.basename(os.path.normpath(path))
+        grids.to_tensorboard(run.workdir, run.step, images={f"class_edit/{name}": grid},
+                             scalars={f"class_edit/{k}": v for k, v in metrics.items()
+                                      if k in ("target_accuracy", "source_kept_accuracy")})
+        return {"grid": png, "images": n, "metrics": metrics, "out_dir": path}

@@ -13,11 +13,12 @@ guidance, seed, how many of the images are shown, a row per class), `samples.npz
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from biflow_jax import latent_space, runs
+from biflow_jax import latent_space, runs, workdir_lock
 from biflow_jax.errors import ConfigError
 from biflow_jax.evaluators import grids
 from biflow_jax.samplers import exact_inverse, one_nfe
@@ -104,6 +105,22 @@ def biflow_guidance(config: Any, reverse: Any, w: float | None) -> float:
     return float(w)
 
 
+@contextlib.contextmanager
+def writing_into(workdir: str, stage: str) -> Iterator[None]:
+    """Own `workdir` (its samples/) and the `stage` run it denotes (its TensorBoard, caches) for the block.
+
+    The read modes write into the run like training does, so they take the same one-writer lock: while
+    a training run owns either directory they stop with WorkdirBusyError before writing anything.
+    """
+    dirs = [workdir]
+    with contextlib.suppress(FileNotFoundError):  # no such run: the mode's own load says so, in its words
+        dirs.append(runs.stage_dir(workdir, stage))
+    with contextlib.ExitStack() as locks:
+        for path in dirs:
+            locks.enter_context(workdir_lock.hold(path))  # re-entrant: the same directory twice is one lock
+        yield
+
+
 def run_sample(workdir: str, sampler: str | None = None, num_images: int | None = None,
                labels: Sequence[int] | None = None, out_dir: str | None = None, ema: bool = True, seed: int = 0,
                config: Any = None, w: float | None = None) -> dict:
@@ -120,106 +137,107 @@ def run_sample(workdir: str, sampler: str | None = None, num_images: int | None 
         sampler = next((k for k, v in EXACT_SOLVERS.items() if v == sample_settings(config)["solver"]), "exact")
     if sampler not in SAMPLERS:
         raise ConfigError(f"--sampler={sampler!r} must be one of {', '.join(SAMPLERS)}")
-    try:
-        if sampler == "biflow":
-            reverse_run = runs.load_reverse(workdir, ema)
-            run, model = reverse_run, reverse_run.flow.model
+    with writing_into(workdir, "biflow" if sampler == "biflow" else "flow"):
+        try:
+            if sampler == "biflow":
+                reverse_run = runs.load_reverse(workdir, ema)
+                run, model = reverse_run, reverse_run.flow.model
+            else:
+                reverse_run = None
+                run = runs.load_flow(workdir, ema)
+                model = run.model
+        except FileNotFoundError as err:
+            kind = "stage-2 (BiFlow)" if sampler == "biflow" else "stage-1 flow"
+            raise FileNotFoundError(f"cannot sample with --sampler={sampler}: no {kind} checkpoint in workdir "
+                                    f"{workdir!r} ({err})") from err
+        # Sampling settings come from the given config; the training noise from the run's own config.
+        config = config if config is not None else run.config
+        settings = sample_settings(config)
+        num_images = int(settings["num_images"] if num_images is None else num_images)
+        if num_images <= 0:
+            raise ConfigError(f"--num_images={num_images} must be positive")
+
+        if labels is not None:
+            all_labels = np.resize(np.asarray(labels, np.int32), num_images)
+        elif model.num_classes:
+            all_labels = default_labels(num_images, model.num_classes).astype(np.int32)
         else:
-            reverse_run = None
-            run = runs.load_flow(workdir, ema)
-            model = run.model
-    except FileNotFoundError as err:
-        kind = "stage-2 (BiFlow)" if sampler == "biflow" else "stage-1 flow"
-        raise FileNotFoundError(f"cannot sample with --sampler={sampler}: no {kind} checkpoint in workdir "
-                                f"{workdir!r} ({err})") from err
-    # Sampling settings come from the given config; the training noise from the run's own config.
-    config = config if config is not None else run.config
-    settings = sample_settings(config)
-    num_images = int(settings["num_images"] if num_images is None else num_images)
-    if num_images <= 0:
-        raise ConfigError(f"--num_images={num_images} must be positive")
-
-    if labels is not None:
-        all_labels = np.resize(np.asarray(labels, np.int32), num_images)
-    elif model.num_classes:
-        all_labels = default_labels(num_images, model.num_classes).astype(np.int32)
-    else:
-        all_labels = None
-    if all_labels is not None:
-        exact_inverse.check_labels(model, all_labels)
-
-    if sampler == "biflow":
-        w = biflow_guidance(run.config, reverse_run.model, w)
-        sigma, solver = 0.0, None
-        to_images = one_nfe.token_images(model.patch_size, model.img_size, model.in_channels)
-
-        def generate(z, y):
-            return one_nfe.one_nfe_sample(reverse_run.model, reverse_run.params, z, y, w, to_images=to_images)
-    else:
-        if w is not None:
-            settings["guidance"] = float(w)
-        guidance = guidance_from_settings(settings)
-        exact_inverse.check_guidance(model, guidance)
-        w, solver = guidance.scale, EXACT_SOLVERS[sampler]
-        sigma = denoise_sigma(run.config, settings)
-
-        def generate(z, y):
-            return exact_inverse.generate(model, run.params, z, y, guidance, solver, sigma,
-                                          settings["jacobi_tol"], settings["jacobi_max_iters"])
-
-    decoder = latent_space.load_decoder(config)
-    devices = jax.local_devices()
-    mesh = Mesh(np.array(devices), ("batch",))
-    batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
-    per_step = min(int(settings["batch_size"]), num_images)
-    per_step = -(-per_step // len(devices)) * len(devices)  # a multiple of the device count
-
-    rng = jax.random.PRNGKey(seed)
-    token_shape = (model.num_tokens, model.token_dim)
-    chunks = []
-    start = time.perf_counter()
-    for first in range(0, num_images, per_step):
-        count = min(per_step, num_images - first)
-        z = settings["noise_scale"] * jax.random.normal(jax.random.fold_in(rng, first), (per_step,) + token_shape)
-        z = jax.device_put(z, batch_sharding)
-        y = None
+            all_labels = None
         if all_labels is not None:
-            step_labels = np.zeros(per_step, np.int32)  # padding rows are generated, then dropped
-            step_labels[:count] = all_labels[first:first + count]
-            y = jax.device_put(jnp.asarray(step_labels), batch_sharding)
-        out = generate(z, y)  # a latent run's samples are latents: decoded through the frozen VAE
-        chunks.append((decoder.to_uint8(out) if decoder else exact_inverse.images_to_uint8(out))[:count])
-    seconds = time.perf_counter() - start
-    images = np.concatenate(chunks)
+            exact_inverse.check_labels(model, all_labels)
 
-    name = folder_name(sampler, w, seed, num_images, labels)
-    out_dir = out_dir or os.path.join(workdir, "samples", name)
-    os.makedirs(out_dir, exist_ok=True)
-    png_path, npz_path = os.path.join(out_dir, "samples.png"), os.path.join(out_dir, "samples.npz")
-    saved_labels = all_labels if all_labels is not None else np.full(num_images, -1, np.int32)
-    np.savez(npz_path, images=images, labels=saved_labels)
-    grid = sample_grid(images, all_labels, f"{sampler_caption(sampler, w)}, seed {seed}", run.step)
-    grids.save_png(grid, png_path)
-    settings_record = {"sampler": sampler, "solver": solver, "w": w, "seed": seed, "num_images": num_images,
-                       "labels": None if labels is None else [int(v) for v in labels], "checkpoint_step": run.step,
-                       "workdir": os.path.abspath(run.workdir), "denoise_sigma": sigma, "ema": ema}
-    with open(os.path.join(out_dir, "settings.json"), "w") as f:
-        json.dump(settings_record, f, indent=1)
-    grids.to_tensorboard(run.workdir, run.step, images={f"samples/{name}": grid})
+        if sampler == "biflow":
+            w = biflow_guidance(run.config, reverse_run.model, w)
+            sigma, solver = 0.0, None
+            to_images = one_nfe.token_images(model.patch_size, model.img_size, model.in_channels)
 
-    return {
-        "samples_png": png_path,
-        "samples_npz": npz_path,
-        "out_dir": out_dir,
-        "num_images": num_images,
-        "sampler": sampler,
-        "solver": solver,
-        "w": w,
-        "guidance": w,
-        "denoise_sigma": sigma,
-        "seconds": seconds,
-        "images_per_s": num_images / seconds,
-    }
+            def generate(z, y):
+                return one_nfe.one_nfe_sample(reverse_run.model, reverse_run.params, z, y, w, to_images=to_images)
+        else:
+            if w is not None:
+                settings["guidance"] = float(w)
+            guidance = guidance_from_settings(settings)
+            exact_inverse.check_guidance(model, guidance)
+            w, solver = guidance.scale, EXACT_SOLVERS[sampler]
+            sigma = denoise_sigma(run.config, settings)
+
+            def generate(z, y):
+                return exact_inverse.generate(model, run.params, z, y, guidance, solver, sigma,
+                                              settings["jacobi_tol"], settings["jacobi_max_iters"])
+
+        decoder = latent_space.load_decoder(config)
+        devices = jax.local_devices()
+        mesh = Mesh(np.array(devices), ("batch",))
+        batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
+        per_step = min(int(settings["batch_size"]), num_images)
+        per_step = -(-per_step // len(devices)) * len(devices)  # a multiple of the device count
+
+        rng = jax.random.PRNGKey(seed)
+        token_shape = (model.num_tokens, model.token_dim)
+        chunks = []
+        start = time.perf_counter()
+        for first in range(0, num_images, per_step):
+            count = min(per_step, num_images - first)
+            z = settings["noise_scale"] * jax.random.normal(jax.random.fold_in(rng, first), (per_step,) + token_shape)
+            z = jax.device_put(z, batch_sharding)
+            y = None
+            if all_labels is not None:
+                step_labels = np.zeros(per_step, np.int32)  # padding rows are generated, then dropped
+                step_labels[:count] = all_labels[first:first + count]
+                y = jax.device_put(jnp.asarray(step_labels), batch_sharding)
+            out = generate(z, y)  # a latent run's samples are latents: decoded through the frozen VAE
+            chunks.append((decoder.to_uint8(out) if decoder else exact_inverse.images_to_uint8(out))[:count])
+        seconds = time.perf_counter() - start
+        images = np.concatenate(chunks)
+
+        name = folder_name(sampler, w, seed, num_images, labels)
+        out_dir = out_dir or os.path.join(workdir, "samples", name)
+        os.makedirs(out_dir, exist_ok=True)
+        png_path, npz_path = os.path.join(out_dir, "samples.png"), os.path.join(out_dir, "samples.npz")
+        saved_labels = all_labels if all_labels is not None else np.full(num_images, -1, np.int32)
+        np.savez(npz_path, images=images, labels=saved_labels)
+        grid = sample_grid(images, all_labels, f"{sampler_caption(sampler, w)}, seed {seed}", run.step)
+        grids.save_png(grid, png_path)
+        settings_record = {"sampler": sampler, "solver": solver, "w": w, "seed": seed, "num_images": num_images,
+                           "labels": None if labels is None else [int(v) for v in labels], "checkpoint_step": run.step,
+                           "workdir": os.path.abspath(run.workdir), "denoise_sigma": sigma, "ema": ema}
+        with open(os.path.join(out_dir, "settings.json"), "w") as f:
+            json.dump(settings_record, f, indent=1)
+        grids.to_tensorboard(run.workdir, run.step, images={f"samples/{name}": grid})
+
+        return {
+            "samples_png": png_path,
+            "samples_npz": npz_path,
+            "out_dir": out_dir,
+            "num_images": num_images,
+            "sampler": sampler,
+            "solver": solver,
+            "w": w,
+            "guidance": w,
+            "denoise_sigma": sigma,
+            "seconds": seconds,
+            "images_per_s": num_images / seconds,
+        }
 
 
 def sample_grid(images: np.ndarray, labels: np.ndarray | None, what: str, step: int) -> np.ndarray:
