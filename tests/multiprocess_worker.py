@@ -11,6 +11,10 @@ each run is its own process; process 0 prints the result as one JSON line after 
                                fsdp-sharded, and compared with the step it holds
   backends                     1 process, 8 devices: 4 steps per mode from the same batches,
                                and the per-device bytes of replicated vs fsdp-sharded state
+  folder PORT PROCESS_ID ROOT  one of 2 processes (1 device each), connected by gloo: the image
+                               folder ROOT/images trained and evaluated in ROOT/run through
+                               modes.train.train_and_evaluate (tests/data/test_folder_data.py);
+                               every process prints its own result, with the files of its shards
 """
 
 import json
@@ -26,7 +30,7 @@ import numpy as np  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")  # as in tests/conftest.py
 
 from biflow_jax import checkpoint, optim, sharding, trainer  # noqa: E402
-from biflow_jax.data import input_pipeline  # noqa: E402
+from biflow_jax.data import image_folder, input_pipeline  # noqa: E402
 from biflow_jax.modes import train  # noqa: E402
 from biflow_jax.objectives import flow  # noqa: E402
 from configs import digits  # noqa: E402
@@ -183,10 +187,39 @@ def run_backends() -> dict:
     return out
 
 
+FOLDER_STEPS = 2
+FOLDER_CLASSES = 3
+
+
+def folder_config(folder: str):
+    """tiny_config's flow on an image folder of FOLDER_CLASSES classes read as 8x8 RGB (grayscale files
+    converted); a checkpoint every step and one kept, so the final step's verification prunes the first."""
+    config = tiny_config("jit", FOLDER_STEPS, batch_size=8)
+    config.data.update(name="folder", folder=folder, num_classes=FOLDER_CLASSES, channels=3, image_size=8)
+    config.model.update(num_classes=FOLDER_CLASSES, in_channels=3)
+    config.train.update(eval_batch_size=8, keep_checkpoints=1)
+    return config
+
+
+def run_folder_process(port: str, process_id: str, root: str) -> dict:
+    from biflow_jax import distributed
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    distributed.initialize("on", coordinator_address=f"localhost:{port}", num_processes=PROCESSES,
+                           process_id=int(process_id))
+    assert (jax.process_count(), jax.device_count()) == (PROCESSES, PROCESSES), jax.devices()
+    config = folder_config(os.path.join(root, "images"))
+    shards = {split: [path.decode() for path, _ in image_folder.source(config.data, split).as_numpy_iterator()]
+              for split in (config.data.train_split, config.data.test_split)}
+    results = train.train_and_evaluate(config, os.path.join(root, "run"))["flow"]
+    return {"process": jax.process_index(), "results": results, "shards": shards}
+
+
 def main(argv):
     mode, args = argv[1], argv[2:]
-    result = {"train": run_train_process, "reference": run_reference, "backends": run_backends}[mode](*args)
-    if jax.process_index() == 0:
+    result = {"train": run_train_process, "reference": run_reference, "backends": run_backends,
+              "folder": run_folder_process}[mode](*args)
+    if jax.process_index() == 0 or mode == "folder":
         print(RESULT + json.dumps(result), flush=True)
 
 
