@@ -276,3 +276,24 @@ def test_a_moved_job_dir_reads_its_own_forward_run(tmp_path):
     found = runs.flow_workdir_of(str(moved / runs.REVERSE_DIR))
     assert os.path.samefile(found, moved / runs.FORWARD_DIR)
     assert os.path.samefile(runs.stage_dir(str(moved / runs.REVERSE_DIR), "flow"), moved / runs.FORWARD_DIR)
+
+
+def test_eval_mode_beside_a_live_owner_stops_before_writing(tmp_path):
+    """--mode=eval writes WORKDIR/eval and TensorBoard events: another process owning the workdir stops it."""
+    from biflow_jax.modes import eval as eval_mode
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from biflow_jax import workdir_lock\n"
+         f"with workdir_lock.hold({str(workdir)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "held"
+        before = sorted(os.listdir(workdir))
+        with pytest.raises(WorkdirBusyError, match="in use by another run"):
+            eval_mode.run_eval(str(workdir), sampler="exact", ref=str(tmp_path / "ref.npz"))
+        assert sorted(os.listdir(workdir)) == before  # nothing written: no eval/, no events
+    finally:
+        owner.kill()
+        owner.wait()

@@ -32,6 +32,7 @@ from biflow_jax.console import is_main_process, say
 from biflow_jax.errors import ConfigError
 from biflow_jax.evaluators import sample_fid
 from biflow_jax.evaluators.inception_features import show_progress
+from biflow_jax.modes.sample import writing_into
 
 SAMPLERS = ("exact", "biflow")
 EVAL_DIR = "eval"
@@ -204,7 +205,17 @@ def replicated(tree: Any, mesh: Any) -> Any:
 def run_eval(workdir: str, config: Any = None, sampler: str | None = None, ref: str | None = None,
              samples: str | None = None, num_samples: int | None = None, inception: str | None = None,
              random_inception: bool = False, seed: int | None = None) -> dict[str, Any]:
-    """Generate (or take `samples`) and score; returns the record written to metrics.json."""
+    """Generate (or take `samples`) and score; returns the record written to metrics.json.
+
+    Holds the workdir's one-writer lock (WORKDIR/eval and its TensorBoard events are written
+    there): beside a live training run it stops with WorkdirBusyError before writing anything."""
+    with writing_into(workdir, "biflow" if sampler == "biflow" else "flow"):
+        return _run_eval(workdir, config, sampler, ref, samples, num_samples, inception, random_inception, seed)
+
+
+def _run_eval(workdir: str, config: Any, sampler: str | None, ref: str | None, samples: str | None,
+              num_samples: int | None, inception: str | None, random_inception: bool,
+              seed: int | None) -> dict[str, Any]:
     flags = dict(ref=ref, inception=inception, random_inception=random_inception, num_samples=num_samples, seed=seed)
     mesh = sharding.make_mesh()
     if samples:
