@@ -110,13 +110,27 @@ def test_gelu_formula_is_exact_gelu():
                                jax.grad(lambda v: jax.nn.gelu(v, approximate=False).sum())(x), atol=1e-6)
 
 
-def test_head_major_attention_matches_reference_formula():
-    q, k, v = (jax.random.normal(jax.random.key(i), (2, 5, 3, 4)) for i in range(3))
+@pytest.mark.parametrize("tokens", [5, 16])  # 5: one tile; 16: 4 query tiles of 4 (masked blocks skipped)
+def test_head_major_attention_matches_reference_formula(tokens):
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, tokens, 3, 4)) for i in range(3))
     temp = jnp.array([1.0, 0.7])
     logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / 2.0 / temp[:, None, None, None]
-    logits = jnp.where(jnp.tril(jnp.ones((5, 5), bool)), logits, -jnp.inf)
+    logits = jnp.where(jnp.tril(jnp.ones((tokens, tokens), bool)), logits, -jnp.inf)
     expected = jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(logits, -1), v)
     np.testing.assert_allclose(tarflow.causal_attention(q, k, v, temp, jnp.float32), expected, atol=1e-6)
+    # Gradients too: the tiles must route every query's and key's gradient.
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.sin(fn(q, k, v)))
+
+    def reference(q, k, v):
+        lg = jnp.einsum("nqhd,nkhd->nhqk", q, k) / 2.0
+        lg = jnp.where(jnp.tril(jnp.ones((tokens, tokens), bool)), lg, -jnp.inf)
+        return jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(lg, -1), v)
+
+    ours = jax.grad(loss, argnums=(1, 2, 3))(lambda *a: tarflow.causal_attention(*a, 1.0, jnp.float32), q, k, v)
+    ref = jax.grad(loss, argnums=(1, 2, 3))(reference, q, k, v)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_prefix_segments_cover_every_step():
