@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from biflow_jax.bench import perturb_proj_out
+from biflow_jax.benches.random_flow import perturb_proj_out
 from biflow_jax.errors import ConfigError
 from biflow_jax.models.registry import build_flow
 from biflow_jax.models.tarflow import TARFlow, patchify

@@ -10,17 +10,18 @@ Variants run in interleaved rounds (a fresh order each round) so machine noise h
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
 import numpy as np
 
+from biflow_jax.benches.timing import interleaved_rounds, medians, print_table
+
 VARIANTS = {"plain": (), "lpips": ("lpips",), "convnext": ("convnext",), "both": ("lpips", "convnext"),
             "both_remat": ("lpips", "convnext")}
 
 
-def add_biflow_train_args(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="configs/digits.py", help="the config whose stage-2 settings are used")
     parser.add_argument("--img_size", type=int, default=32, help="RGB image side of the frozen flow and G")
     parser.add_argument("--patch", type=int, default=2)
@@ -40,7 +41,7 @@ def add_biflow_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3)
 
 
-def bench_biflow_train(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict:
     """Seconds per stage-2 step for each variant and each one's ratio over the plain step."""
     import jax.numpy as jnp
 
@@ -102,16 +103,14 @@ def bench_biflow_train(args: argparse.Namespace) -> dict:
         compile_s[name] = time.perf_counter() - start
         states[name] = state
 
-    rounds: dict[str, list[float]] = {name: [] for name in chosen}
-    order_rng = np.random.default_rng(0)
-    for _ in range(args.rounds):
-        for name in map(str, order_rng.permutation(chosen)):
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                states[name], _ = steps[name](states[name], batch, frozen[name])
-            jax.block_until_ready(states[name])
-            rounds[name].append((time.perf_counter() - start) / args.steps)
-    seconds = {name: statistics.median(v) for name, v in rounds.items()}
+    def run_steps(name: str) -> None:
+        for _ in range(args.steps):
+            states[name], _ = steps[name](states[name], batch, frozen[name])
+        jax.block_until_ready(states[name])
+
+    rounds = interleaved_rounds({name: (lambda name=name: run_steps(name)) for name in chosen}, args.rounds,
+                                calls={name: args.steps for name in chosen})
+    seconds = medians(rounds)
     g_params = count_params(jax.eval_shape(biflow.make(config, flow_run).init, jax.random.key(0)))
     result = {
         "device": jax.devices()[0].device_kind, "batch": args.batch, "img_size": args.img_size,
@@ -133,9 +132,5 @@ def bench_biflow_train(args: argparse.Namespace) -> dict:
     for name in chosen:
         rows.append((name, f"{seconds[name]:.3f}", f"{seconds[name] / seconds['plain']:.2f}x",
                      f"{compile_s[name]:.1f}"))
-    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
-    for n, row in enumerate(rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(rows)
     return result

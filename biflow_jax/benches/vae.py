@@ -9,15 +9,15 @@ evaluators run), random weights of the chosen shape unless --vae_path names real
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from biflow_jax.benches.timing import time_call
 
-def add_vae_args(parser: argparse.ArgumentParser) -> None:
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="sd-vae-ft-ema", choices=["sd-vae-ft-ema", "tiny"],
                         help="VAE shape with random weights (ignored with --vae_path)")
     parser.add_argument("--vae_path", default="", help="a diffusers AutoencoderKL directory instead of a preset")
@@ -27,7 +27,7 @@ def add_vae_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5)
 
 
-def bench_vae(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict:
     from biflow_jax.latent_space import LatentDecoder
     from biflow_jax.models.vae import AutoencoderKL, vae_config
 
@@ -47,13 +47,7 @@ def bench_vae(args: argparse.Namespace) -> dict:
     analysis = lowered.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     flops = float((analysis or {}).get("flops", float("nan")))
-    jax.block_until_ready(fn(params, z))  # compile
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(params, z))
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    seconds = time_call(lambda: fn(params, z), args.repeats)
     used = {k: v for k, v in params.items() if k in ("decoder", "post_quant_conv")}
     n_params = int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(used)))
     image = args.latent_size * cfg.downsample_factor
