@@ -66,6 +66,17 @@ def write_metrics(path: str, metrics: dict[str, Any]) -> None:
         json.dump(metrics, f, indent=1)
 
 
+def write_outputs(run: runs.ReverseRun, path: str, mode: str, grid: np.ndarray, metrics: dict[str, Any],
+                  logged: tuple[str, ...]) -> dict[str, Any]:
+    """PATH/<mode>.png, PATH/metrics.json and the grid plus the `logged` metrics in the run's TensorBoard."""
+    png = grids.save_png(grid, os.path.join(path, f"{mode}.png"))
+    write_metrics(path, metrics)
+    name = os.path.basename(os.path.normpath(path))
+    grids.to_tensorboard(run.workdir, run.step, images={f"{mode}/{name}": grid},
+                         scalars={f"{mode}/{k}": v for k, v in metrics.items() if k in logged})
+    return {"grid": png, "metrics": metrics, "out_dir": path}
+
+
 def digits_classifier(run: runs.ReverseRun):
     """The digits classifier cached beside the stage-2 run, or None when the data are not the digits."""
     if run.config.data.name != "digits":
@@ -133,13 +144,8 @@ def run_inpaint(workdir: str, num_images: int = 100, seed: int = 0, out_dir: str
         rows = ["original", "known (grey: unknown)"] + [f"inpainting {k + 1}" for k in range(INPAINT_DRAWS)]
         grid = grids.captioned_grid(cells, shown, title=title, row_labels=rows)
         path = output_dir(workdir, out_dir, "inpaint", w, seed, n)
-        png = grids.save_png(grid, os.path.join(path, "inpaint.png"))
-        write_metrics(path, metrics)
-        name = os.path.basename(os.path.normpath(path))
-        grids.to_tensorboard(run.workdir, run.step, images={f"inpaint/{name}": grid},
-                             scalars={f"inpaint/{k}": v for k, v in metrics.items()
-                                      if k in ("unknown_mae_255", "classifier_keeps_label")})
-        return {"grid": png, "images": n, "metrics": metrics, "out_dir": path}
+        return {"images": n, **write_outputs(run, path, "inpaint", grid, metrics,
+                                             ("unknown_mae_255", "classifier_keeps_label"))}
 
 
 def run_class_edit(workdir: str, num_images: int = 100, seed: int = 0, out_dir: str | None = None,
@@ -187,10 +193,5 @@ def run_class_edit(workdir: str, num_images: int = 100, seed: int = 0, out_dir: 
                                     col_headers=["source"] + [f"to {t}" for t in range(flow.num_classes)],
                                     row_labels=[f"class {int(c)}" for c in labels[:shown]])
         path = output_dir(workdir, out_dir, "class_edit", w, seed, n)
-        png = grids.save_png(grid, os.path.join(path, "class_edit.png"))
-        write_metrics(path, metrics)
-        name = os.path.basename(os.path.normpath(path))
-        grids.to_tensorboard(run.workdir, run.step, images={f"class_edit/{name}": grid},
-                             scalars={f"class_edit/{k}": v for k, v in metrics.items()
-                                      if k in ("target_accuracy", "source_kept_accuracy")})
-        return {"grid": png, "images": n, "metrics": metrics, "out_dir": path}
+        return {"images": n, **write_outputs(run, path, "class_edit", grid, metrics,
+                                             ("target_accuracy", "source_kept_accuracy"))}
