@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from biflow_jax.models.tarflow import attention
+from biflow_jax.models.attention import attention
 
 Array = jax.Array
 
@@ -149,7 +149,7 @@ class Attention(nn.Module):
         q = apply_rope(RMSNorm(name="q_norm")(q), angles)
         k = apply_rope(RMSNorm(name="k_norm")(k), angles)
         # No mask: every token sees every token. dot_product_attention on accelerators, the
-        # head-major XLA path on CPU (tarflow.attention).
+        # head-major XLA path on CPU (models/attention.py).
         out = attention(q, k, v, causal=False)
         return dense(self.width, self.dtype, "proj")(out.reshape(n, t, self.width))
 

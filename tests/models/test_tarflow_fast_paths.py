@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from biflow_jax.interop.tarflow_layout import flow_params_to_state_dict
-from biflow_jax.models import tarflow
+from biflow_jax.models import attention, tarflow
 from biflow_jax.models.tarflow import TARFlow, build_flow, stack_layer_params, unstack_layer_params
 from biflow_jax.samplers import exact_inverse
 
@@ -117,7 +117,7 @@ def test_head_major_attention_matches_reference_formula(tokens):
     logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / 2.0 / temp[:, None, None, None]
     logits = jnp.where(jnp.tril(jnp.ones((tokens, tokens), bool)), logits, -jnp.inf)
     expected = jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(logits, -1), v)
-    np.testing.assert_allclose(tarflow.causal_attention(q, k, v, temp, jnp.float32), expected, atol=1e-6)
+    np.testing.assert_allclose(attention.causal_attention(q, k, v, temp, jnp.float32), expected, atol=1e-6)
     # Gradients too: the tiles must route every query's and key's gradient.
     def loss(fn, q, k, v):
         return jnp.sum(jnp.sin(fn(q, k, v)))
@@ -127,7 +127,7 @@ def test_head_major_attention_matches_reference_formula(tokens):
         lg = jnp.where(jnp.tril(jnp.ones((tokens, tokens), bool)), lg, -jnp.inf)
         return jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(lg, -1), v)
 
-    ours = jax.grad(loss, argnums=(1, 2, 3))(lambda *a: tarflow.causal_attention(*a, 1.0, jnp.float32), q, k, v)
+    ours = jax.grad(loss, argnums=(1, 2, 3))(lambda *a: attention.causal_attention(*a, 1.0, jnp.float32), q, k, v)
     ref = jax.grad(loss, argnums=(1, 2, 3))(reference, q, k, v)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, atol=1e-5)

@@ -15,7 +15,8 @@ import pytest
 from biflow_jax.errors import ConfigError
 from biflow_jax.evaluators import classify
 from biflow_jax.models import registry
-from biflow_jax.models.tarflow import SwiGLU, apply_rope, rope_tables, stack_layer_params, swiglu_hidden
+from biflow_jax.models.attention import apply_rope, rope_tables
+from biflow_jax.models.tarflow import SwiGLU, stack_layer_params, swiglu_hidden
 from biflow_jax.samplers import exact_inverse
 
 BASE = dict(name="tarflow", img_size=8, in_channels=1, patch_size=2, channels=32, num_blocks=2,
