@@ -17,6 +17,8 @@ sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torc
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+import biflow_jax  # noqa: E402, F401  (host_memory: malloc settings before JAX runs anything)
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
