@@ -37,6 +37,7 @@ import numpy as np
 from flax import struct
 
 from biflow_jax.models.attention import attention
+from biflow_jax.models.dense import flat_dot_general
 
 Array = jax.Array
 
@@ -129,7 +130,7 @@ def dense(features: int, dtype: Any, name: str, zero: bool = False, use_bias: bo
     return nn.Dense(
         features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
         kernel_init=nn.initializers.zeros if zero else nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.zeros,
+        bias_init=nn.initializers.zeros, dot_general=flat_dot_general,
     )
 
 
