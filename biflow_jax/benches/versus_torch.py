@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import biflow_jax
 from biflow_jax.benches import nll_step
 from biflow_jax.benches.random_flow import perturb_proj_out
 from biflow_jax.benches.timing import (
@@ -211,6 +212,7 @@ def run(args: argparse.Namespace) -> dict:
         "config": {k: v for k, v in cfg.items()}, "cache_dtype": args.cache_dtype or args.dtype,
         "params": count_params(params), "torch_threads": torch_threads, "reference": args.reference or None,
         "cfg_scale": args.guidance, "rounds": args.rounds, "peak_flop_per_s": peak,
+        "host_memory_kept": biflow_jax.HOST_MEMORY_KEPT,
     }
     rows = [("part", "ours s", "ours img/s", "ours FLOP/s", "torch s", "torch img/s", "ours/torch")]
     for part in ("train", "forward", "sample", "cfg"):
@@ -236,7 +238,8 @@ def run(args: argparse.Namespace) -> dict:
           f"(scan_layers={args.scan_layers}, remat={args.remat}, cache {result['cache_dtype']}); "
           f"{side}x{side}x{channels}, patch {args.patch}, width {args.channels}, {args.blocks} blocks x "
           f"{args.layers} layers, {args.classes} classes, batch {n}, {result['params']:,} params; "
-          f"torch threads {torch_threads}; CFG scale {args.guidance}; medians of {args.rounds} interleaved rounds")
+          f"torch threads {torch_threads}; CFG scale {args.guidance}; medians of {args.rounds} interleaved rounds; "
+          f"host malloc keeps freed memory (both sides, one process): {biflow_jax.HOST_MEMORY_KEPT}")
     print_table(rows)
     if parity:
         print("same weights, ours vs torch: " + ", ".join(f"{k} {v:.2e}" for k, v in parity.items()))
