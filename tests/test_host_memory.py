@@ -4,7 +4,8 @@ freed by one step is reused by the next without page faults; BIFLOW_KEEP_HOST_ME
 Each case runs in a fresh interpreter (malloc settings are per process and must precede any
 allocation by a worker thread). The probe mallocs and writes 64 MiB in a worker thread, frees
 it, and does it again, counting the minor page faults of the second round: a fresh mapping
-costs one fault per 4 KiB page (16,384), a reused heap block almost none.
+costs one fault per page (16,384 with 4 KiB pages), a reused heap block almost none. The checks
+compare the two rounds, so they hold with transparent huge pages too.
 """
 
 import os
@@ -54,11 +55,12 @@ def _probe(keep: str) -> tuple[str, int, int]:
 def test_importing_biflow_jax_makes_a_freed_block_reusable_without_page_faults():
     kept, first, second = _probe("1")
     assert kept == "True"
-    assert first >= 10_000  # the first touch of 64 MiB does fault page by page
-    assert second < 1_000, f"second round of a freed 64 MiB block took {second} page faults"
+    assert first > 0  # the first touch of 64 MiB faults page by page
+    assert second * 10 < first, f"a freed 64 MiB block faulted again: {first} then {second} page faults"
 
 
 def test_opting_out_leaves_glibc_defaults():
     kept, first, second = _probe("0")
     assert kept == "False"
-    assert second >= 10_000, f"with the default malloc a freed 64 MiB block is unmapped; got {second} faults"
+    assert first > 0
+    assert second * 2 > first, f"glibc unmaps a freed 64 MiB block: expected ~{first} faults again, got {second}"
