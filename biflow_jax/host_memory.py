@@ -8,15 +8,19 @@ the kernel hands out and zeroes some 280,000 fresh 4 KiB pages. Measured on the 
 machine: 0.72 s per step, ~0.45 s of it CPU time in the kernel. With one arena, no `mmap`
 for large blocks and no trimming, the freed buffer is reused by the next step: 0.52 s.
 
-The cost: the process keeps its peak heap for its lifetime instead of returning it to the
-system, which is what a training or sampling job does anyway. `BIFLOW_KEEP_HOST_MEMORY=0`
-in the environment turns it off. It acts only on glibc (Linux); elsewhere it does nothing.
+The costs: the process keeps its peak heap for its lifetime instead of returning it to the
+system, and XLA compiles more slowly with every thread on one arena (the imagenet64 `:p4`
+train step under nn.scan: 5 -> 7.5 s). So it is applied only where XLA:CPU runs the steps:
+not when JAX_PLATFORMS names an accelerator or, without JAX_PLATFORMS, when a TPU or GPU
+plugin is installed (device buffers never go through malloc there). `BIFLOW_KEEP_HOST_MEMORY=0`
+turns it off, `=1` forces it on. It acts only on glibc (Linux); elsewhere it does nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 import sys
 
@@ -27,6 +31,17 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
+ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
+
+
+def cpu_runs_the_steps() -> bool:
+    """True when JAX will compute on the CPU: JAX_PLATFORMS is only "cpu", or it is unset and no
+    accelerator plugin is installed. Decided without starting JAX."""
+    platforms = [p.strip().lower() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms:
+        return all(p == "cpu" for p in platforms)
+    return all(importlib.util.find_spec(name) is None for name in ACCELERATOR_PLUGINS)
+
 
 def keep_freed_memory() -> bool:
     """Set glibc's malloc to one arena, no mmap'd blocks and no trimming; True if it took.
@@ -35,7 +50,8 @@ def keep_freed_memory() -> bool:
     own arena, and XLA's worker threads start with the first computation. The trim
     threshold is passed as -1, which glibc reads as SIZE_MAX (never trim).
     """
-    if os.environ.get(ENV_VAR, "1") == "0" or not sys.platform.startswith("linux"):
+    choice = os.environ.get(ENV_VAR, "")
+    if choice == "0" or not sys.platform.startswith("linux") or (choice != "1" and not cpu_runs_the_steps()):
         return False
     name = ctypes.util.find_library("c")
     if name is None:

@@ -45,15 +45,15 @@ PROBE = textwrap.dedent("""
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 
 
-def _probe(keep: str) -> tuple[str, int, int]:
-    env = {**os.environ, "BIFLOW_KEEP_HOST_MEMORY": keep}
+def _probe(keep: str, platforms: str = "cpu") -> tuple[str, int, int]:
+    env = {**os.environ, "BIFLOW_KEEP_HOST_MEMORY": keep, "JAX_PLATFORMS": platforms}
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120,
                          check=True).stdout.split()
     return out[0], int(out[1]), int(out[2])
 
 
 def test_importing_biflow_jax_makes_a_freed_block_reusable_without_page_faults():
-    kept, first, second = _probe("1")
+    kept, first, second = _probe("")
     assert kept == "True"
     assert first > 0  # the first touch of 64 MiB faults page by page
     assert second * 10 < first, f"a freed 64 MiB block faulted again: {first} then {second} page faults"
@@ -64,3 +64,9 @@ def test_opting_out_leaves_glibc_defaults():
     assert kept == "False"
     assert first > 0
     assert second * 2 > first, f"glibc unmaps a freed 64 MiB block: expected ~{first} faults again, got {second}"
+
+
+@pytest.mark.parametrize("platforms, want", [("tpu", "False"), ("cuda,cpu", "False"), ("cpu", "True")])
+def test_applied_only_where_the_cpu_runs_the_steps(platforms, want):
+    """On an accelerator host device buffers never go through malloc, and one arena would only slow compiles."""
+    assert _probe("", platforms)[0] == want
