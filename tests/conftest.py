@@ -9,6 +9,10 @@ import sys
 import types
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The suite is compile-bound with tiny steps: biflow_jax's one-arena malloc setting (host_memory)
+# only slows XLA's compiles here (suite ~6% slower); tests/test_host_memory.py checks it in
+# subprocesses that set this variable themselves.
+os.environ.setdefault("BIFLOW_KEEP_HOST_MEMORY", "0")
 # torchvision's compiled detection operators do not load beside the CPU build of torch this
 # project pins, and transformers/diffusers import torchvision whenever it is installed; the
 # reference models need only its Python layers (see torch_reference.py).
@@ -16,8 +20,6 @@ sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torc
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
-
-import biflow_jax  # noqa: E402, F401  (host_memory: malloc settings before JAX runs anything)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
