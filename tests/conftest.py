@@ -13,6 +13,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # only slows XLA's compiles here (suite ~6% slower); tests/test_host_memory.py checks it in
 # subprocesses that set this variable themselves.
 os.environ.setdefault("BIFLOW_KEEP_HOST_MEMORY", "0")
+# The suite computes on the CPU even where libtpu is installed (the test extras bring it for the
+# ahead-of-time TPU compile tests, which need no TPU backend): without this, JAX would first try
+# to start a TPU runtime and print libtpu's warnings into every subprocess's stderr.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # torchvision's compiled detection operators do not load beside the CPU build of torch this
 # project pins, and transformers/diffusers import torchvision whenever it is installed; the
 # reference models need only its Python layers (see torch_reference.py).
