@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from biflow_jax.platforms import target_platform
+
 Array = jax.Array
 ROPE_BASE = 10000.0
 
@@ -57,8 +59,9 @@ CAUSAL_TILES = 4  # query tiles of the CPU causal attention (4 measured best at 
 
 
 def _use_dot_product_attention() -> bool:
-    """`jax.nn.dot_product_attention` on accelerators; on CPU our head-major XLA path is faster."""
-    return jax.default_backend() != "cpu"
+    """`jax.nn.dot_product_attention` on accelerators; on CPU our head-major XLA path is faster.
+    Decided by the platform the program is built for (`platforms.target_platform`), not the host's."""
+    return target_platform() != "cpu"
 
 
 def _temp_scale(temp: Array | float, batch: int, acc: Any) -> Array | None:
@@ -79,7 +82,7 @@ def attention(q: Array, k: Array, v: Array, temp: Array | float = 1.0, acc: Any 
     if _use_dot_product_attention() and acc == jnp.float32:
         if inv_temp is not None:  # 1 / temp folds into q: (q / temp) k^T = q k^T / temp
             q = (q.astype(acc) * inv_temp.reshape(n, 1, 1, 1)).astype(q.dtype)
-        impl = "cudnn" if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)) else None
+        impl = "cudnn" if (target_platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)) else None
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation=impl)
     # CPU: batch dims (N, heads) leading, so XLA's dots run as plain batched GEMMs. With the causal
     # mask the queries go in tiles, and tile i reads only the keys it can see (0 .. (i+1) rows - 1):
