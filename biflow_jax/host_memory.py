@@ -12,7 +12,8 @@ The costs: the process keeps its peak heap for its lifetime instead of returning
 system, and XLA compiles more slowly with every thread on one arena (the imagenet64 `:p4`
 train step under nn.scan: 5 -> 7.5 s). So it is applied only where XLA:CPU runs the steps:
 not when JAX_PLATFORMS names an accelerator or, without JAX_PLATFORMS, when a TPU or GPU
-plugin is installed (device buffers never go through malloc there). `BIFLOW_KEEP_HOST_MEMORY=0`
+plugin is installed and its device is present (device buffers never go through malloc there;
+libtpu alone, installed to compile for TPU slices on a CPU host, changes nothing). `BIFLOW_KEEP_HOST_MEMORY=0`
 turns it off, `=1` forces it on. It acts only on glibc (Linux); elsewhere it does nothing.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import importlib.util
 import os
 import sys
@@ -32,15 +34,28 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
+# Device files whose presence means the plugin's accelerator is on this host (TPU VMs: /dev/accel* up to
+# v4, /dev/vfio/<n> from v5e on; NVIDIA: /dev/nvidia<n>; AMD: /dev/kfd).
+ACCELERATOR_DEVICES = {"libtpu": ("/dev/accel*", "/dev/vfio/[0-9]*"), "jax_cuda12_plugin": ("/dev/nvidia[0-9]*",),
+                       "jax_cuda13_plugin": ("/dev/nvidia[0-9]*",), "jax_rocm60_plugin": ("/dev/kfd",),
+                       "jax_rocm7_plugin": ("/dev/kfd",)}
+
+
+def accelerator_present(plugin: str) -> bool:
+    """An installed plugin only matters where its device is: libtpu on a CPU host (installed to compile
+    for TPU slices ahead of time) leaves the steps to XLA:CPU."""
+    if importlib.util.find_spec(plugin) is None:
+        return False
+    return any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICES[plugin])
 
 
 def cpu_runs_the_steps() -> bool:
     """True when JAX will compute on the CPU: JAX_PLATFORMS is only "cpu", or it is unset and no
-    accelerator plugin is installed. Decided without starting JAX."""
+    accelerator plugin with its device is on this host. Decided without starting JAX."""
     platforms = [p.strip().lower() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
     if platforms:
         return all(p == "cpu" for p in platforms)
-    return all(importlib.util.find_spec(name) is None for name in ACCELERATOR_PLUGINS)
+    return not any(accelerator_present(name) for name in ACCELERATOR_PLUGINS)
 
 
 def keep_freed_memory() -> bool:
