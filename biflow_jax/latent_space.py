@@ -188,15 +188,19 @@ def load_decoder(config: Any) -> LatentDecoder | None:
                          int(latent.get("decode_batch", 64)))
 
 
-def token_image_fn(decoder: LatentDecoder, patch_size: int, size: int, channels: int):
+def token_image_fn(decoder: LatentDecoder, patch_size: int, size: int, channels: int, remat: bool = False):
     """fn(tokens, frozen) -> decoded images in [-1, 1]: G's final latent tokens through the VAE whose
-    params travel in frozen['vae'] (the `image_fn` of BiFlow's perceptual terms in latent space)."""
+    params travel in frozen['vae'] (the `image_fn` of BiFlow's perceptual terms in latent space).
+
+    remat: recompute the decoder's activations in the backward pass instead of keeping them (a
+    256-px SD-VAE decode keeps ~1 GB a sample for its backward in float32).
+    """
     from biflow_jax.models.tarflow import unpatchify
 
     def fn(tokens: Array, frozen: Any) -> Array:
         return decoder.decode(frozen["vae"], unpatchify(tokens, patch_size, size, size, channels))
 
-    return fn
+    return jax.checkpoint(fn) if remat else fn
 
 
 def require_pixel_space(config: Any, mode: str) -> None:

@@ -4,6 +4,8 @@ Config values are overridden with `--config.KEY=VALUE` (e.g. `--config.train.ste
 A mode given only --workdir reads the run's own config.json. Modes (each one function):
   train      train the stages of config.stage (flow | biflow | both); the default
   describe   models, parameter counts, token grids, classes, FLOPs per image; no data, no weights
+  compile    compile every stage's programs for a TPU slice (--topology=v5e:2x4) on any host: per-chip HBM,
+             FLOPs, compile time; exit 2 naming settings that fit when a program does not
   sample     samples into a new WORKDIR/samples/<settings>/ folder: the flow's exact inverse
              (--sampler=exact|jacobi|naive) or BiFlow's 1-NFE G (--sampler=biflow), --w, --seed
   classify   a stage-1 flow as a training-free classifier, and a linear probe
@@ -27,7 +29,7 @@ from absl import app, flags, logging  # noqa: E402
 from biflow_jax import config_files, distributed  # noqa: E402
 from biflow_jax.errors import ConfigError  # noqa: E402
 
-MODES = ("train", "describe", "sample", "classify", "inpaint", "class_edit", "eval")
+MODES = ("train", "describe", "compile", "sample", "classify", "inpaint", "class_edit", "eval")
 
 flags.DEFINE_string("config", None, "Config file, with an optional :ARG (default: WORKDIR/config.json).")
 flags.DEFINE_string("workdir", None, "Run directory: config.json, checkpoints, TensorBoard events.")
@@ -47,6 +49,10 @@ flags.DEFINE_string("ref", None, "eval: ADM-format reference batch .npz (default
 flags.DEFINE_string("samples", None, "eval: score this ADM-format sample .npz (arr_0 uint8 NHWC) instead.")
 flags.DEFINE_string("inception", None, "eval: pt_inception-2015-12-05-6726825d.pth (default evals.fid.inception).")
 flags.DEFINE_bool("random_inception", False, "eval: random Inception weights, for tests and the digits only.")
+flags.DEFINE_string("topology", None, "compile: a TPU slice, e.g. v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x2, v5e:4x4 "
+                    "(default config.parallel.topology).")
+flags.DEFINE_list("programs", None, "compile: only these stages or stage/program names (e.g. flow/train_step).")
+flags.DEFINE_bool("fit_search", True, "compile: when a program does not fit, compile alternatives that do.")
 FLAGS = flags.FLAGS
 
 def resolve_config(workdir: str | None, mode: str):
@@ -82,7 +88,7 @@ def config_lines(config, prefix: str = "") -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS.workdir and FLAGS.mode != "describe":
+    if not FLAGS.workdir and FLAGS.mode not in ("describe", "compile"):
         raise app.UsageError("--workdir is required")
     if not any(a.startswith(("-v", "--v")) for a in sys.argv[1:]):
         logging.set_verbosity(logging.WARNING)  # Orbax and TFDS are chatty at INFO; -v 0 brings it back
@@ -93,6 +99,21 @@ def main(argv: list[str]) -> None:
         if config is None:
             raise ConfigError("describe needs --config or a --workdir holding config.json")
         describe.run(config)
+        return
+    if FLAGS.mode == "compile":
+        import jax
+
+        if not os.environ.get("JAX_PLATFORMS"):  # the host only traces: never start a TPU runtime here
+            jax.config.update("jax_platforms", "cpu")
+        from biflow_jax.modes import compile as compile_mode
+
+        if config is None:
+            raise ConfigError("compile needs --config or a --workdir holding config.json")
+        topology = FLAGS.topology or config.parallel.get("topology", "")
+        if not topology:
+            raise ConfigError("compile needs --topology (e.g. --topology=v5e:2x4) or a config naming "
+                              "parallel.topology")
+        compile_mode.run(config, topology, fit_search=FLAGS.fit_search, only=FLAGS.programs)
         return
     distributed.initialize()
     workdir = FLAGS.workdir

@@ -37,4 +37,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         optim=common.optim(lr=1e-4, init_lr=1e-6, end_lr=1e-6, warmup_steps=2000, grad_clip=0.0),
         evals=dict(reconstruction=dict(every=10_000), fid=common.fid(**fid)))
     c.sample = common.sample(num_images=10_000, batch_size=64, guidance=1.0, denoise=True)
+    c.parallel.topology = "v5p:2x4x4"  # the slice --mode=compile sizes it for (README)
     return c

@@ -14,7 +14,7 @@ An experiment file calls `base()` and overrides what differs. Sections:
             overrides), the objective, its perceptual terms, and its own train / optim / evals sections
   sample    exact-inverse sampling settings (guidance, solver, denoising)
   latent    VAE latent space (data.name='latents'), off unless enabled
-  parallel  jit | pmap backend, fsdp
+  parallel  jit | pmap backend, fsdp, and the TPU slice the config is sized for (`--mode=compile`)
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def perceptual(lpips: float = 0.0, convnext: float = 0.0, dino: float = 0.0, **o
     dino: a DINOv2 directory or torch-hub .pth (`path`; `size` only for .pth files).
     Each enabled term's file must exist or stage 2 stops at start naming it. Paired
     random-resized crops (`crop_scale` of the area, `crop_ratio` aspect) resized to `crop_size`
-    px; `remat` recomputes the networks' activations in the backward pass.
+    px; `remat` recomputes the networks' activations (and, in latent space, the VAE decoder's) in
+    the backward pass.
     """
     fields = dict(lpips=dict(weight=lpips, vgg16_path="", lin_path=""), convnext=dict(weight=convnext, path=""),
                   dino=dict(weight=dino, path="", size="vitb14"), crop_size=224, crop_scale=(0.08, 1.0),
@@ -170,7 +171,8 @@ def base() -> ml_collections.ConfigDict:
     c.model = flow_model()
     c.train = flow_train()
     c.optim = optim()
-    c.parallel = ml_collections.ConfigDict(dict(backend="jit", fsdp=False))
+    # topology: the TPU slice the config is sized for ('' = none named), the default of --mode=compile.
+    c.parallel = ml_collections.ConfigDict(dict(backend="jit", fsdp=False, topology=""))
     c.align = align()
     c.evals = ml_collections.ConfigDict(dict(bpd=dict(every=1000), fid=fid()))
     c.biflow = biflow()

@@ -66,6 +66,7 @@ def latent_imagenet() -> ml_collections.ConfigDict:
         optim=common.optim(lr=1e-4, init_lr=1e-6, end_lr=1e-6, warmup_steps=STEPS_PER_EPOCH, grad_clip=0.0),
         evals=dict(reconstruction=dict(every=10 * STEPS_PER_EPOCH)))
     c.sample = common.sample(num_images=50_000, batch_size=256, guidance=1.0, denoise=True)
+    c.parallel.topology = "v5e:2x4"  # 32 images a chip; --mode=compile: every program fits (README)
     return c
 
 
@@ -98,11 +99,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = latent_imagenet()
     if chosen == "xl2":
         c.model.update(channels=1152, num_blocks=6, layers_per_block=7)
+        c.parallel.topology = "v5p:2x2x4"  # v5p-32: 16 images a chip
     elif chosen == "rrepa":
         c.model.update(num_blocks=8, layers_per_block=8)
         c.train.noise_std = 0.2
         c.align = common.align(enabled=True, locations=[(7, 6), (8, 6)], weight=0.1, projector_hidden=1024,
                                encoder="vitb14", resolution=224, dtype="bfloat16")
+        c.parallel.topology = "v5p:2x2x4"
     elif chosen == "smoke":
         c = smoke(c)
+        c.parallel.topology = ""  # a CPU run
     return c

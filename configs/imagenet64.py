@@ -46,4 +46,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         optim=common.optim(lr=1e-4, init_lr=1e-6, end_lr=1e-6, warmup_steps=STEPS_PER_EPOCH, grad_clip=0.0),
         evals=dict(reconstruction=dict(every=10 * STEPS_PER_EPOCH), fid=common.fid(**fid)))
     c.sample = common.sample(num_images=50_000, batch_size=256, guidance=1.7, denoise=True)
+    c.parallel.topology = {"p2": "v5p:2x4x4", "p4": "v5p:2x2x4"}[variant]  # what --mode=compile sizes it for
     return c

@@ -229,7 +229,8 @@ def init_reverse(reverse: ReverseViT, flow: TARFlow, rng: jax.Array) -> Any:
 
 
 def make(config: ml_collections.ConfigDict, flow_run: Any, image_fn: perceptual.ImageFn | None = None,
-         perceptual_terms: tuple[perceptual.PerceptualLoss, Any] | None = None) -> Objective:
+         perceptual_terms: tuple[perceptual.PerceptualLoss, Any] | None = None,
+         decoder: latent_space.LatentDecoder | None = None) -> Objective:
     """Hidden alignment + learned denoising (+ training-time CFG) against `flow_run`.
 
     flow_run: the frozen stage-1 run (`.model`, `.params`, `.config`, `.workdir`; biflow_jax.runs).
@@ -237,7 +238,8 @@ def make(config: ml_collections.ConfigDict, flow_run: Any, image_fn: perceptual.
     With `biflow.perceptual` terms on, they compare `image_fn(G's final tokens, frozen)` with
     the clean image; `image_fn` defaults to unpatchify (pixel space) and the networks' params
     travel in `frozen['perceptual']`. `perceptual_terms`: a built (loss, params) used instead
-    of reading the config's weights files (benchmarks with random networks).
+    of reading the config's weights files (benchmarks with random networks); `decoder` a built VAE
+    decoder used instead of loading the config's (`--mode=compile` passes one with abstract params).
     """
     b = config.biflow
     flow, flow_config = flow_run.model, flow_run.config
@@ -250,9 +252,13 @@ def make(config: ml_collections.ConfigDict, flow_run: Any, image_fn: perceptual.
     built = perceptual_terms or (perceptual.build(b.perceptual, weighting) if "perceptual" in b else None)
     data = config.data
     latent = config.get("latent") if latent_space.enabled(config) else None
-    decoder = latent_space.load_decoder(config) if latent is not None and built is not None else None
+    if decoder is None and latent is not None and built is not None:
+        decoder = latent_space.load_decoder(config)
+    elif latent is None or built is None:
+        decoder = None
     if decoder is not None:  # perceptual terms compare VAE-decoded images
-        image_fn = image_fn or latent_space.token_image_fn(decoder, flow.patch_size, data.image_size, data.channels)
+        image_fn = image_fn or latent_space.token_image_fn(decoder, flow.patch_size, data.image_size, data.channels,
+                                                           remat=bool(b.perceptual.get("remat", False)))
     image_fn = image_fn or perceptual.pixel_image_fn(flow.patch_size, data.image_size, data.image_size, data.channels)
     frozen = {"flow": flow_run.params}
     if decoder is not None:

@@ -330,28 +330,57 @@ def build(section: ml_collections.ConfigDict,
         return None
     check_files(section)
     dtype = DTYPES[section.dtype]
-    terms, params = [], {}
+    distances, params = {}, {}
     for name in names:
         cfg = section[name]
         if name == "lpips":
             from biflow_jax.interop.lpips_weights import load_lpips
 
             params[name] = load_lpips(cfg.vgg16_path, cfg.lin_path or None)
-            distance = lpips_distance(dtype)
+            distances[name] = lpips_distance(dtype)
         elif name == "convnext":
             from biflow_jax.interop.convnext_weights import load_convnext
 
             convnext_config, params[name] = load_convnext(cfg.path)
-            distance = convnext_distance(ConvNeXtV2(convnext_config, dtype=dtype))
+            distances[name] = convnext_distance(ConvNeXtV2(convnext_config, dtype=dtype))
         else:
             from biflow_jax.interop.dino_weights import load_dino
 
             size = None if os.path.isdir(cfg.path) else cfg.size
             dino_config, params[name] = load_dino(cfg.path, size=size)
-            distance = dino_distance(Dinov2(dino_config, dtype=dtype))
-        terms.append(Term(name, float(cfg.weight), distance))
-    loss = PerceptualLoss(tuple(terms), crop_size=int(section.crop_size), crop_scale=tuple(section.crop_scale),
-                          crop_ratio=tuple(section.crop_ratio), weighting=weighting,
-                          remat=bool(section.remat))
-    params = jax.tree_util.tree_map(jnp.asarray, params)
-    return loss, params
+            distances[name] = dino_distance(Dinov2(dino_config, dtype=dtype))
+    return assemble(section, distances, weighting), jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def build_abstract(section: ml_collections.ConfigDict, weighting: Callable[[Array], Array] | None = None
+                   ) -> tuple[PerceptualLoss, dict[str, Any]] | None:
+    """As `build`, with the published architectures (VGG16 + LPIPS, ConvNeXt-V2-Base, the named DINOv2)
+    and their params as ShapeDtypeStructs: no weights file is read (`--mode=compile`)."""
+    from biflow_jax.models.convnext import convnext_config
+    from biflow_jax.models.dino import dinov2_config
+    from biflow_jax.models.vgg import LPIPS
+
+    names = enabled_terms(section)
+    if not names:
+        return None
+    dtype = DTYPES[section.dtype]
+    crop = jax.ShapeDtypeStruct((1, int(section.crop_size), int(section.crop_size), 3), jnp.float32)
+    distances, params = {}, {}
+    for name in names:
+        if name == "lpips":
+            model, distances[name] = LPIPS(), lpips_distance(dtype)
+            params[name] = jax.eval_shape(model.init, jax.random.key(0), crop, crop)["params"]
+            continue
+        model = (ConvNeXtV2(convnext_config("base"), dtype=dtype) if name == "convnext"
+                 else Dinov2(dinov2_config(section[name].size), dtype=dtype))
+        distances[name] = convnext_distance(model) if name == "convnext" else dino_distance(model)
+        params[name] = jax.eval_shape(model.init, jax.random.key(0), crop)["params"]
+    return assemble(section, distances, weighting), params
+
+
+def assemble(section: ml_collections.ConfigDict, distances: Mapping[str, Distance],
+             weighting: Callable[[Array], Array] | None) -> PerceptualLoss:
+    """The loss over the enabled terms, in `enabled_terms` order, with the section's crops and remat."""
+    terms = tuple(Term(name, float(section[name].weight), distances[name]) for name in enabled_terms(section))
+    return PerceptualLoss(terms, crop_size=int(section.crop_size), crop_scale=tuple(section.crop_scale),
+                          crop_ratio=tuple(section.crop_ratio), weighting=weighting, remat=bool(section.remat))

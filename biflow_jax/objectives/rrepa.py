@@ -394,7 +394,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def make(config: ml_collections.ConfigDict, model: TARFlow | None = None,
-         teacher: Teacher | ConstantTeacher | None = None) -> Objective:
+         teacher: Teacher | ConstantTeacher | None = None,
+         decoder: latent_space.LatentDecoder | None = None) -> Objective:
     """NLL + align.weight * alignment; trainable params {'flow': flow vars, 'projectors': {...}}.
 
     `teacher` (`apply(params, uint8 images)` -> (N, grid*grid, width) features, with
@@ -411,7 +412,7 @@ def make(config: ml_collections.ConfigDict, model: TARFlow | None = None,
     locations = parse_locations(align.locations)
     projector = Projector(int(align.projector_hidden), width)
     mode, passes, weight = align.mode, int(align.reverse_passes), float(align.weight)
-    decoder = latent_space.load_decoder(config)
+    decoder = decoder or latent_space.load_decoder(config)  # `decoder`: a built one (abstract params in compile mode)
     frozen = {"teacher": teacher.params} if decoder is None else {"teacher": teacher.params, "vae": decoder.params}
 
     def init(rng):
