@@ -3,7 +3,9 @@
 Each subcommand is a module of `biflow_jax.benches` with `add_arguments(parser)` and
 `run(args) -> dict`; it prints a readable table and, as its last line, one JSON object
 with the figures, so scripts can parse `tail -n 1`. Compilation is always excluded: every
-timed function is run once before timing (`benches.timing`).
+timed function is run once before timing (`benches.timing`). Every bench starts with a
+`machine:` line and its JSON has the same record under "machine" (`benches.machine`): a CPU
+figure means little without the CPU it came from.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 
-from biflow_jax.benches import biflow_train, compile_time, sample, train, vae, versus_torch
+from biflow_jax.benches import biflow_train, compile_time, machine, sample, train, vae, versus_torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    print(machine.machine_line(machine.machine_record()), flush=True)
     result = SUBCOMMANDS[args.command].run(args)
+    result["machine"] = machine.machine_record()  # taken again after the run: the threads it really used
     print(json.dumps(result), flush=True)
     return result
 

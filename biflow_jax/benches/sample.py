@@ -2,7 +2,9 @@
 
 Images/s of the cached, Jacobi and naive exact inverses of a random-init TARFlow
 (arXiv:2412.06329) and of BiFlow's reverse model G (arXiv:2512.10953) at a comparable
-parameter count, with XLA's FLOP counts and MFU where the device's peak is known.
+parameter count, with XLA's FLOP counts, each as a fraction of this machine's matmul rate
+at the solver's own GEMM shapes (`benches.calibration`), MFU where the device's peak is
+known, and the cached inverse's and G's latency per image at batch 1.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from biflow_jax.benches import calibration
 from biflow_jax.benches.random_flow import perturb_proj_out
 from biflow_jax.benches.timing import (
     compiled_flops,
@@ -26,7 +29,7 @@ from biflow_jax.benches.timing import (
 )
 from biflow_jax.models.reverse import ReverseViT
 from biflow_jax.models.tarflow import TARFlow, count_params
-from biflow_jax.samplers import exact_inverse
+from biflow_jax.samplers import exact_inverse, one_nfe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="peak TFLOP/s per device for MFU")
     parser.add_argument("--naive_repeats", type=int, default=1, help="the naive inverse is slow; 0 skips it")
     parser.add_argument("--jacobi_repeats", type=int, default=-1, help="-1: as --repeats; 0 skips Jacobi")
+    parser.add_argument("--latency_repeats", type=int, default=5,
+                        help="timed batch-1 calls of the cached inverse and of G for latency per image (0 skips)")
+    parser.add_argument("--calibration_s", type=float, default=0.03,
+                        help="seconds of work per timed call when calibrating this machine's matmul rate at the "
+                             "solvers' GEMM shapes (0 skips the calibration)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -96,25 +104,36 @@ def run(args: argparse.Namespace) -> dict:
                          heads=args.reverse_heads or max(1, width // 64), mlp_ratio=4.0, num_classes=args.classes,
                          dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype])
     rparams = reverse.init(rev_rng, z[:1], None if labels is None else labels[:1], jnp.zeros((1,)))
-    one_nfe = jax.jit(lambda zz: reverse.apply(rparams, zz, labels, None).image_tokens)
+    one_pass = jax.jit(lambda zz, yy: reverse.apply(rparams, zz, yy, None).image_tokens)
 
     cache_dtype = args.cache_dtype or None
 
-    def cached():
-        return exact_inverse.inverse_cached(model, params, z, labels, guidance, cache_dtype=cache_dtype,
+    def cached(zz=z, yy=labels):
+        return exact_inverse.inverse_cached(model, params, zz, yy, guidance, cache_dtype=cache_dtype,
                                             segments=args.segments)
 
     # The two headline solvers in interleaved rounds, so machine noise hits both alike.
-    pair = interleaved_medians({"cached": cached, "biflow": lambda: one_nfe(z)}, args.repeats)
+    pair = interleaved_medians({"cached": cached, "biflow": lambda: one_pass(z, labels)}, args.repeats)
     cached_s, biflow_s = pair["cached"], pair["biflow"]
+    # Latency per image at batch 1 (one image, its own label): where an accelerator shows the paper's gap.
+    z1, y1 = z[:1], None if labels is None else labels[:1]
+    latency = (interleaved_medians({"cached": lambda: cached(z1, y1), "biflow": lambda: one_pass(z1, y1)},
+                                   args.latency_repeats) if args.latency_repeats else {})
     # Model FLOPs (XLA cost analysis): the exact inverse computes what one forward pass does;
     # G's pass has no loop, so its count is exact.
     forward_flops = compiled_flops(jax.jit(lambda p, x, y: model.apply(p, x, y).z), params,
                                    jnp.zeros((args.batch, img, img, args.in_channels)), labels)
     if guidance.active:
         forward_flops *= 2
-    biflow_flops = compiled_flops(one_nfe, z)
+    biflow_flops = compiled_flops(one_pass, z, labels)
     peak = peak_flops(args.dtype, args.peak_tflops)
+    # This machine's matmul rate at each solver's GEMMs: a decode step of the cached inverse runs the
+    # flow's layers over one token of every image (2x the rows with CFG); G runs over all N*T rows.
+    parts = {"cached": calibration.layer_gemms(args.batch * (2 if guidance.active else 1), args.channels),
+             "biflow": calibration.layer_gemms(args.batch * model.num_tokens, width)}
+    calib = (calibration.calibrate(parts, sorted({"float32", args.dtype}), args.calibration_s)
+             if args.calibration_s > 0 else None)
+    rate = {part: calib["rates"][args.dtype][part] if calib else math.nan for part in parts}
     jacobi_repeats = args.repeats if args.jacobi_repeats < 0 else args.jacobi_repeats
     jacobi_s = (time_call(lambda: exact_inverse.inverse_jacobi(model, params, z, labels, guidance, args.jacobi_tol),
                           jacobi_repeats) if jacobi_repeats else math.nan)
@@ -140,24 +159,36 @@ def run(args: argparse.Namespace) -> dict:
         "jacobi_iters": [int(k) for k in np.asarray(iters)],
         "cached_over_naive": naive_s / cached_s,
         "cache_dtype": args.cache_dtype or args.dtype, "segments": args.segments,
-        **throughput_fields("cached", forward_flops, cached_s, peak),
-        **throughput_fields("biflow", biflow_flops, biflow_s, peak),
+        **throughput_fields("cached", forward_flops, cached_s, peak, rate["cached"]),
+        **throughput_fields("biflow", biflow_flops, biflow_s, peak, rate["biflow"]),
+        "calibration": calib,
     }
+    if latency:
+        result.update(cached_ms_per_image_batch1=1e3 * latency["cached"],
+                      biflow_ms_per_image_batch1=1e3 * latency["biflow"],
+                      biflow_over_cached_batch1=latency["cached"] / latency["biflow"])
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; {args.tokens} tokens of "
           f"{model.token_dim} dims, {args.blocks} blocks x {args.layers} layers, width {args.channels}, "
           f"batch {args.batch}, {args.dtype}, {flow_params:,} flow params, proj_out ~ N(0, {args.proj_out_scale}^2); "
           f"BiFlow G: depth {reverse.depth}, width {reverse.width}, {reverse_params:,} params "
           f"({reverse_params / flow_params:.2f}x the flow)")
+    if calib:
+        print("\n".join(calibration.calibration_lines(parts, calib)))
     print_table([
         ("solver", "s/batch", "images/s", "vs cached", "model FLOP/s"),
         ("biflow 1-NFE", f"{biflow_s:.4f}", f"{args.batch / biflow_s:.1f}", f"{cached_s / biflow_s:.1f}x",
-         fmt_flops(biflow_flops / biflow_s)),
-        ("cached", f"{cached_s:.4f}", f"{args.batch / cached_s:.1f}", "1.0x", fmt_flops(forward_flops / cached_s)),
+         fmt_flops(biflow_flops / biflow_s, rate["biflow"])),
+        ("cached", f"{cached_s:.4f}", f"{args.batch / cached_s:.1f}", "1.0x",
+         fmt_flops(forward_flops / cached_s, rate["cached"])),
         ("jacobi", f"{jacobi_s:.4f}", f"{args.batch / jacobi_s:.1f}", f"{cached_s / jacobi_s:.2f}x", "-"),
         ("naive", f"{naive_s:.4f}", f"{args.batch / naive_s:.2f}", f"{cached_s / naive_s:.3f}x", "-"),
     ])
     if math.isnan(peak):
         print("MFU omitted: no known peak for this device (pass --peak_tflops)")
+    if latency:
+        print(f"batch 1 (latency per image): biflow 1-NFE {result['biflow_ms_per_image_batch1']:.2f} ms, cached "
+              f"{result['cached_ms_per_image_batch1']:.2f} ms (vs cached: {result['biflow_over_cached_batch1']:.1f}x)")
+    print(one_nfe.speed_note(jax.default_backend()))
     if jacobi_repeats:
         print(f"jacobi iterations per block (blocks_0..blocks_{args.blocks - 1}): {result['jacobi_iters']} "
               f"(at most {model.num_tokens}); max |jacobi - cached| = {jacobi_err:.2e} at tol {args.jacobi_tol}")

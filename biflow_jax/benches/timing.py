@@ -94,13 +94,24 @@ def peak_flops(dtype: str, override_tflops: float = 0.0) -> float:
     return math.nan
 
 
-def throughput_fields(prefix: str, flops: float, seconds: float, peak: float) -> dict:
-    """`{prefix}_flops`, `{prefix}_flop_per_s` and (with a known peak) `{prefix}_mfu`."""
+def throughput_fields(prefix: str, flops: float, seconds: float, peak: float, matmul_rate: float = math.nan) -> dict:
+    """`{prefix}_flops`, `{prefix}_flop_per_s`, with a known peak `{prefix}_mfu`, and with this
+    machine's calibrated matmul rate (`benches.calibration`) `{prefix}_of_matmul_rate`, the
+    FLOP/s as a fraction of it."""
     fields = {f"{prefix}_flops": flops, f"{prefix}_flop_per_s": flops / seconds}
     if not math.isnan(peak):
         fields[f"{prefix}_mfu"] = flops / seconds / peak
+    if not math.isnan(matmul_rate) and matmul_rate > 0:
+        fields[f"{prefix}_matmul_rate"] = matmul_rate
+        fields[f"{prefix}_of_matmul_rate"] = flops / seconds / matmul_rate
     return fields
 
 
-def fmt_flops(flop_per_s: float) -> str:
-    return "n/a" if math.isnan(flop_per_s) else f"{flop_per_s / 1e9:.1f} GFLOP/s"
+def fmt_flops(flop_per_s: float, matmul_rate: float = math.nan) -> str:
+    """`12.3 GFLOP/s`, and with a calibrated matmul rate `12.3 GFLOP/s (41% of matmul)`."""
+    if math.isnan(flop_per_s):
+        return "n/a"
+    text = f"{flop_per_s / 1e9:.1f} GFLOP/s"
+    if not math.isnan(matmul_rate) and matmul_rate > 0:
+        text += f" ({flop_per_s / matmul_rate:.0%} of matmul)"
+    return text

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import biflow_jax
-from biflow_jax.benches import nll_step
+from biflow_jax.benches import calibration, nll_step
 from biflow_jax.benches.random_flow import perturb_proj_out
 from biflow_jax.benches.timing import (
     compiled_flops,
@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="std of the random proj_out kernels, so sampling depends on the context")
     parser.add_argument("--peak_tflops", type=float, default=0.0,
                         help="peak TFLOP/s per device for MFU (0: a known accelerator's, none on CPU)")
+    parser.add_argument("--calibration_s", type=float, default=0.03,
+                        help="seconds of work per timed call when calibrating this machine's matmul rate at the "
+                             "flow's GEMM shapes (0 skips the calibration)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -205,6 +208,16 @@ def run(args: argparse.Namespace) -> dict:
     rounds = interleaved_rounds(tasks, args.rounds, seed=args.seed,
                                 calls={name: args.train_steps for name in tasks if name.endswith("_train")})
     seconds = medians(rounds)
+    # This machine's own matmul rate at the step's GEMMs, so the FLOP/s carry to other machines:
+    # train and forward over the N*T token rows; a decode step of the exact inverse over N rows (2N with CFG).
+    rows, width = n * model.num_tokens, args.channels
+    parts = {"train": calibration.layer_gemms(rows, width, backward=True),
+             "forward": calibration.layer_gemms(rows, width),
+             "sample": calibration.layer_gemms(n, width), "cfg": calibration.layer_gemms(2 * n, width)}
+    parts = {part: gemms for part, gemms in parts.items() if f"ours_{part}" in seconds}
+    calib = (calibration.calibrate(parts, sorted({"float32", args.dtype}), args.calibration_s)
+             if args.calibration_s > 0 else None)
+    rate = {part: calib["rates"][args.dtype][part] if calib else math.nan for part in parts}
 
     flops = {"train": train_flops, "forward": forward_flops, "sample": sample_flops, "cfg": cfg_flops}
     result: dict[str, Any] = {
@@ -212,18 +225,18 @@ def run(args: argparse.Namespace) -> dict:
         "config": {k: v for k, v in cfg.items()}, "cache_dtype": args.cache_dtype or args.dtype,
         "params": count_params(params), "torch_threads": torch_threads, "reference": args.reference or None,
         "cfg_scale": args.guidance, "rounds": args.rounds, "peak_flop_per_s": peak,
-        "host_memory_kept": biflow_jax.HOST_MEMORY_KEPT,
+        "host_memory_kept": biflow_jax.HOST_MEMORY_KEPT, "calibration": calib,
     }
-    rows = [("part", "ours s", "ours img/s", "ours FLOP/s", "torch s", "torch img/s", "ours/torch")]
+    table = [("part", "ours s", "ours img/s", "ours FLOP/s", "torch s", "torch img/s", "ours/torch")]
     for part in ("train", "forward", "sample", "cfg"):
         ours = seconds.get(f"ours_{part}")
         if ours is None:
             continue
         result[f"ours_{part}_s"] = ours
         result[f"ours_{part}_images_per_s"] = n / ours
-        result.update(throughput_fields(f"ours_{part}", flops[part], ours, peak))
+        result.update(throughput_fields(f"ours_{part}", flops[part], ours, peak, rate[part]))
         theirs = seconds.get(f"torch_{part}")
-        row = [part, f"{ours:.4f}", f"{n / ours:.2f}", fmt_flops(flops[part] / ours)]
+        row = [part, f"{ours:.4f}", f"{n / ours:.2f}", fmt_flops(flops[part] / ours, rate[part])]
         if theirs is not None:
             result[f"torch_{part}_s"] = theirs
             result[f"torch_{part}_images_per_s"] = n / theirs
@@ -231,7 +244,7 @@ def run(args: argparse.Namespace) -> dict:
             row += [f"{theirs:.4f}", f"{n / theirs:.2f}", f"{theirs / ours:.2f}x"]
         else:
             row += ["-", "-", "-"]
-        rows.append(tuple(row))
+        table.append(tuple(row))
     result.update(parity)
     result["per_round_s"] = rounds
     print(f"device: {result['device']} x{jax.device_count()}; ours {args.dtype} "
@@ -240,7 +253,9 @@ def run(args: argparse.Namespace) -> dict:
           f"{args.layers} layers, {args.classes} classes, batch {n}, {result['params']:,} params; "
           f"torch threads {torch_threads}; CFG scale {args.guidance}; medians of {args.rounds} interleaved rounds; "
           f"host malloc keeps freed memory (both sides, one process): {biflow_jax.HOST_MEMORY_KEPT}")
-    print_table(rows)
+    if calib:
+        print("\n".join(calibration.calibration_lines(parts, calib)))
+    print_table(table)
     if parity:
         print("same weights, ours vs torch: " + ", ".join(f"{k} {v:.2e}" for k, v in parity.items()))
     if math.isnan(peak):

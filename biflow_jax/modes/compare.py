@@ -1,13 +1,14 @@
 """Exact inverse against BiFlow on the same noise: side-by-side grids, speed and quality.
 
 Both generators start from identical z; the exact inverse decodes token by token
-(B x (T-1) sequential steps), BiFlow's G runs once (1 NFE; arXiv:2512.10953). On the
-digits the quality is scored by a small classifier trained on the real digits
-(biflow_jax.evaluators.digits_quality). The exact inverse uses the sample mode's settings
-(config.sample: guidance, and the denoising step when the flow learned Gaussian-noised
-images), so the two are compared as each would be used. The captioned grid and the
-figures also go to the stage-2 run's TensorBoard (`compare/...`).
-"""
+(B x (T-1) sequential steps), BiFlow's G runs once (1 NFE; arXiv:2512.10953). Speed is
+measured as throughput at the comparison's batch and as latency per image at batch 1
+(`one_nfe.speed_note` says what a CPU ratio means). On the digits the quality is scored
+by a small classifier trained on the real digits (biflow_jax.evaluators.digits_quality).
+The exact inverse uses the sample mode's settings (config.sample: guidance, and the
+denoising step when the flow learned Gaussian-noised images), so the two are compared as
+each would be used. The captioned grid and the figures also go to the stage-2 run's
+TensorBoard (`compare/...`)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,26 @@ def timed(fn, *args) -> tuple[np.ndarray, float]:
     start = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
     return np.asarray(out), time.perf_counter() - start
+
+
+def latency_s(fn, *args, calls: int = 3) -> float:
+    """Median seconds of `calls` calls of `fn(*args)` after one compiling call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def speed_lines(figures: dict[str, Any], backend: str) -> list[str]:
+    """The console's 1-NFE speed report: throughput at the batch, latency at batch 1, what a ratio means."""
+    return [f"speed: batch {figures['num_images']}: exact inverse {figures['exact_images_per_s']:.1f} images/s, "
+            f"BiFlow 1-NFE {figures['biflow_images_per_s']:.1f} images/s ({figures['speedup']:.1f}x); batch 1: "
+            f"exact inverse {figures['exact_ms_per_image_batch1']:.2f} ms/image, BiFlow 1-NFE "
+            f"{figures['biflow_ms_per_image_batch1']:.2f} ms/image ({figures['speedup_batch1']:.1f}x) on {backend}",
+            one_nfe.speed_note(backend)]
 
 
 def side_by_side(left: np.ndarray, right: np.ndarray, per_row: int, gap: int = 1) -> tuple[np.ndarray, int]:
@@ -65,11 +86,15 @@ def compare(reverse_workdir: str, out_dir: str | None = None, per_class: int = 3
         w = sample.biflow_guidance(config, reverse, None)
         to_images = one_nfe.token_images(flow.patch_size, flow.img_size, flow.in_channels)
 
-        exact_fn = jax.jit(lambda zz: exact_inverse.generate(flow, fparams, zz, labels, guidance, "cached", sigma))
-        biflow_fn = jax.jit(lambda zz: one_nfe.one_nfe_sample(reverse, rparams, zz, labels, w, to_images=to_images))
+        exact_fn = jax.jit(lambda zz, yy: exact_inverse.generate(flow, fparams, zz, yy, guidance, "cached", sigma))
+        biflow_fn = jax.jit(lambda zz, yy: one_nfe.one_nfe_sample(reverse, rparams, zz, yy, w, to_images=to_images))
         biflow0_fn = jax.jit(lambda zz: one_nfe.one_nfe_sample(reverse, rparams, zz, labels, 0.0, to_images=to_images))
-        exact, t_exact = timed(exact_fn, z)
-        biflow, t_biflow = timed(biflow_fn, z)
+        exact, t_exact = timed(exact_fn, z, labels)
+        biflow, t_biflow = timed(biflow_fn, z, labels)
+        # Latency per image at batch 1 (one image, its own label): a few calls after one compile each.
+        first = None if labels is None else labels[:1]
+        exact_1 = latency_s(exact_fn, z[:1], first)
+        biflow_1 = latency_s(biflow_fn, z[:1], first)
         biflow0 = np.asarray(biflow0_fn(z))
         decoder = latent_space.load_decoder(config)  # a latent run's samples are decoded through the frozen VAE
         to_uint8 = decoder.to_uint8 if decoder is not None else exact_inverse.images_to_uint8
@@ -93,6 +118,8 @@ def compare(reverse_workdir: str, out_dir: str | None = None, per_class: int = 3
             "grid": grid_path, "num_images": n, "biflow_w": w, "exact_guidance": guidance.scale,
             "exact_images_per_s": n / t_exact, "biflow_images_per_s": n / t_biflow,
             "speedup": t_exact / t_biflow,
+            "exact_ms_per_image_batch1": 1e3 * exact_1, "biflow_ms_per_image_batch1": 1e3 * biflow_1,
+            "speedup_batch1": exact_1 / biflow_1,
             "exact_biflow_mean_abs_diff": float(np.mean(np.abs(exact - biflow))),
         }
         if config.data.name == "digits" and labels is not None:

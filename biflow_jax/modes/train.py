@@ -108,8 +108,8 @@ def train_biflow(config: ml_collections.ConfigDict, workdir: str, flow_workdir: 
     if single_process():
         figures = compare.compare(workdir)
         say(f"exact inverse vs BiFlow on the same noise: {figures['grid']}")
-        say(f"speed: exact inverse {figures['exact_images_per_s']:.1f} images/s, BiFlow 1-NFE "
-            f"{figures['biflow_images_per_s']:.1f} images/s ({figures['speedup']:.1f}x)")
+        for line in compare.speed_lines(figures, jax.default_backend()):
+            say(line)
         if "exact_frechet" in figures:
             say("digits quality (classifier features; lower Frechet and higher label accuracy are better): "
                 f"exact inverse FD {figures['exact_frechet']:.3f} acc {figures['exact_label_accuracy']:.3f} | "

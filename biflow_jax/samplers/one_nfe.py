@@ -133,3 +133,18 @@ def class_edit(forward_apply: Callable[[Array, Array | None], Array],
     z = forward_apply(x, y_source)
     tokens = reverse_apply(z, y_target)
     return unpatchify(tokens, patch_size, height, width, channels), z
+
+
+def speed_note(backend: str) -> str:
+    """What a measured 1-NFE over exact-inverse speed ratio means on `backend` ('cpu', 'gpu', 'tpu').
+
+    BiFlow's (arXiv:2512.10953) large factor is accelerator latency: the exact inverse decodes
+    token by token, steps too small to fill an accelerator, while G's single pass fills it. On a
+    CPU both are compute-bound, so the ratio there is mostly FLOPs and the decode loop's overhead.
+    """
+    if backend == "cpu":
+        return ("On a CPU both models are compute-bound, so this ratio is mostly their FLOPs and the decode loop's "
+                "per-token overhead; the paper's far larger factor is accelerator latency: a token-by-token decode "
+                "cannot fill an accelerator, while G's single pass can (arXiv:2512.10953).")
+    return ("On an accelerator the exact inverse's token-by-token decode cannot fill the chip, while G's single pass "
+            "can: that latency gap, largest at batch 1, is where the paper's factor comes from (arXiv:2512.10953).")

@@ -75,3 +75,15 @@ def test_comparison_grid_names_both_models(job_dir):
     assert grid.shape[1] >= 5 * 34 + 2
     assert figures["biflow_w"] == 1.0 and figures["exact_guidance"] == 0.0
     assert 0 <= figures["biflow_label_accuracy"] <= 1
+    # Speed: throughput at the batch and latency at batch 1, both models, each ratio of its own pair.
+    assert figures["num_images"] == 20
+    assert figures["speedup"] == pytest.approx(figures["biflow_images_per_s"] / figures["exact_images_per_s"],
+                                               rel=1e-12)
+    assert figures["speedup_batch1"] == pytest.approx(
+        figures["exact_ms_per_image_batch1"] / figures["biflow_ms_per_image_batch1"], rel=1e-12)
+    line, note = compare.speed_lines(figures, "cpu")
+    assert line.startswith("speed: batch 20: exact inverse ") and "BiFlow 1-NFE" in line
+    assert f"exact inverse {figures['exact_ms_per_image_batch1']:.2f} ms/image" in line
+    assert f"BiFlow 1-NFE {figures['biflow_ms_per_image_batch1']:.2f} ms/image" in line
+    assert "compute-bound" in note and "accelerator" in note
+    assert "compute-bound" not in compare.speed_lines(figures, "tpu")[1]
