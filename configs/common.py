@@ -35,14 +35,17 @@ def flow_model(**overrides) -> ml_collections.ConfigDict:
     """TARFlow as ml-tarflow builds it (one head per 64 channels, 4x MLP, no clip by default).
 
     Improved-flow options, all off by default (docs/tarflow.md): rope (2D RoPE instead of the
-    learned positions; head_dim % 4 == 0), norm 'layernorm'|'rmsnorm', qk_norm, mlp 'gelu'|'swiglu',
-    block_layers (per-block layer counts in forward order, e.g. STARFlow's deep-shallow
-    (2, 2, 2, 2, 2, 24); () = layers_per_block for every block).
+    learned positions; head_dim % 4 == 0), norm 'layernorm'|'rmsnorm', qk_norm, mlp 'gelu'|'swiglu'
+    (ours: SiLU gate, hidden ceil(8C/3) to 8)|'geglu_starflow' (STARFlow's: tanh-GELU gate, hidden
+    C * expansion), block_layers (per-block layer counts in forward order, e.g. STARFlow's deep-shallow
+    (2, 2, 2, 2, 2, 24); () = layers_per_block for every block), clip_shift (the soft clip `clip` acts
+    on the shift too, as STARFlow's code does; ours clips the log-scale only).
     """
     fields = dict(name="tarflow", img_size=8, in_channels=1, patch_size=2, channels=64, num_blocks=4,
                   layers_per_block=2, num_classes=10, head_dim=64, expansion=4, clip=0.0, dtype="float32",
                   scan_layers=False, remat="none",  # nn.scan over each block's layers; "none"|"full"|"dots"
-                  rope=False, norm="layernorm", qk_norm=False, mlp="gelu", block_layers=())
+                  rope=False, norm="layernorm", qk_norm=False, mlp="gelu", block_layers=(),
+                  clip_shift=False)
     fields.update(overrides)
     return ml_collections.ConfigDict(fields)
 
