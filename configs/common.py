@@ -101,13 +101,16 @@ def perceptual(lpips: float = 0.0, convnext: float = 0.0, dino: float = 0.0, **o
 
     lpips: VGG16 trunk (a torchvision vgg16 state_dict, `vgg16_path`) + the lpips package's
     calibration (`lin_path`; '' = the copy shipped in the installed lpips package).
-    convnext: a save_pretrained directory of facebook/convnextv2-base-22k-224 (`path`).
+    convnext: a save_pretrained directory of facebook/convnextv2-base-22k-224 (`path`); `normalize`
+    'imagenet' feeds it ImageNet mean/std-normalised crops (the checkpoint's training input), 'none'
+    the [-1, 1] crops as they are (the BiFlow group's pMF code).
     dino: a DINOv2 directory or torch-hub .pth (`path`; `size` only for .pth files).
     Each enabled term's file must exist or stage 2 stops at start naming it. Paired
     random-resized crops (`crop_scale` of the area, `crop_ratio` aspect) resized to `crop_size`
     px; `remat` recomputes the networks' activations in the backward pass.
     """
-    fields = dict(lpips=dict(weight=lpips, vgg16_path="", lin_path=""), convnext=dict(weight=convnext, path=""),
+    fields = dict(lpips=dict(weight=lpips, vgg16_path="", lin_path=""),
+                  convnext=dict(weight=convnext, path="", normalize="imagenet"),
                   dino=dict(weight=dino, path="", size="vitb14"), crop_size=224, crop_scale=(0.08, 1.0),
                   crop_ratio=(3 / 4, 4 / 3), remat=False, dtype="float32")
     fields.update(overrides)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from biflow_jax import runs
+from biflow_jax.errors import ConfigError
 from biflow_jax.interop.convnext_weights import transformers_shapes
 from biflow_jax.models import registry
 from biflow_jax.models.convnext import ConvNeXtV2, convnext_config
@@ -213,3 +214,31 @@ def test_missing_weights_stop_stage2_at_start_naming_each_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="lpips.vgg16_path is empty.*convnext.path is empty"):
         biflow.validate(paper)
     assert paper.model.clip == 4.0 and digits.get_config().biflow.perceptual.lpips.weight == 0
+
+
+def test_convnext_input_is_imagenet_normalised_or_left_in_minus_one_one():
+    """normalize='imagenet' feeds ((x + 1) / 2 - mean) / std (ImageNet statistics); 'none' feeds the
+    [-1, 1] crops unchanged (pMF's choice); a third value is a config error."""
+    convnext = ConvNeXtV2(convnext_config("tiny-test"))
+    generated, real = affine_pair(2, 32, 32)
+    generated = jnp.tanh(generated)
+    params = convnext.init(jax.random.key(3), real)["params"]
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+    features = jax.jit(lambda x: convnext.apply({"params": params}, x))  # one program for every input below
+
+    def want(prepare):
+        both = np.asarray(features(jnp.asarray(prepare(np.concatenate([generated, real])), jnp.float32)))
+        return np.sum((both[:2] - both[2:]) ** 2, axis=-1)
+
+    pair = jnp.concatenate([generated, real])
+    imagenet, none = (jax.jit(lambda x, d=d: d(params, x[:2], x[2:]))(pair)
+                      for d in (perceptual.convnext_distance(convnext), perceptual.convnext_distance(convnext, "none")))
+    np.testing.assert_allclose(np.asarray(imagenet), want(lambda x: ((x + 1) / 2 - mean) / std), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(none), want(lambda x: x), rtol=1e-4)
+    assert np.abs(np.asarray(imagenet) - np.asarray(none)).max() > 1e-3 * np.abs(np.asarray(none)).max()
+    config = digits.get_config("quick")
+    assert config.biflow.perceptual.convnext.normalize == "imagenet"
+    config.biflow.perceptual.convnext.normalize = "pmf"
+    with pytest.raises(ConfigError, match=r"convnext.normalize='pmf' must be one of \('imagenet', 'none'\)"):
+        perceptual.validate(config.biflow.perceptual)
