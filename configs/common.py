@@ -126,10 +126,14 @@ def fid(**overrides) -> ml_collections.ConfigDict:
     it is missing; make others with the evaluators' ref_stats module). inception:
     pytorch-fid's pt_inception-2015-12-05-6726825d.pth; `random_inception` is for tests and the
     digits only. guidance None: sample.guidance (exact) or biflow.guidance (BiFlow, if CFG-trained).
+    convention: 'adm' (ADM's TF-graph resize, what ADM's VIRTUAL_* reference batches hold) or
+    'pytorch_fid'; scoring a reference made in the other convention stops unless
+    `allow_convention_mismatch=True` says the figures are knowingly not comparable.
     """
     fields = dict(every=-1, train_samples=5000, num_samples=50_000, reference="", reference_name="", inception="",
                   random_inception=False, convention="adm", inception_size=299, batch_size=256, chunk_size=5000,
-                  guidance=placeholder(float), cfg_scale=0.0, seed=0, precision_recall=True, is_split_size=5000)
+                  guidance=placeholder(float), cfg_scale=0.0, seed=0, precision_recall=True, is_split_size=5000,
+                  allow_convention_mismatch=False)
     fields.update(overrides)
     return ml_collections.ConfigDict(fields)
 
