@@ -105,7 +105,7 @@ def check_feature_space(settings: dict[str, Any], extractor: InceptionExtractor)
     """
     path = check_reference_path(settings)
     meta = read_meta(path)
-    allow = bool(settings.get("allow_convention_mismatch", False))
+    allow = bool(settings["allow_convention_mismatch"])
     if meta is None:  # an ADM file: the FID network at 299 px, ADM's own convention
         if extractor.random or extractor.size != 299:
             raise ConfigError(f"{path} holds FID Inception statistics at 299 px; scoring with {extractor.describe()} "
