@@ -4,12 +4,17 @@
 `apply_overrides(config, ["train.steps=10", ...])` sets values with the types the config
 declares, and a key the config lacks fails naming the nearest valid keys. Every CLI of
 the package (main, import_torch, bench) goes through here, so they all behave alike.
+
+Defaults live in one place, `configs/common.py`: `defaults(name)` is its section `name` and
+`section(config, name)` a config's section over it, so a mode or CLI reading a run saved
+before a key existed gets the config's default, never a second table of its own.
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import importlib.util
 import os
 import sys
@@ -21,6 +26,7 @@ import ml_collections
 from biflow_jax.errors import EXPECTED_ERRORS, ConfigError
 
 OVERRIDE_PREFIX = "--config."
+COMMON_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "common.py")
 _CLI_OVERRIDES: list[str] = []
 
 
@@ -45,6 +51,30 @@ def load(spec: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"config {spec!r}: {e}") from None
     config.lock()
     return config
+
+
+@functools.cache
+def _common() -> Any:
+    """configs/common.py of this checkout (data only: it imports ml_collections, never biflow_jax)."""
+    if not os.path.isfile(COMMON_FILE):
+        raise ConfigError(f"the default config sections {COMMON_FILE} are missing (run from a checkout of the repo)")
+    module_spec = importlib.util.spec_from_file_location("_biflow_config_common", COMMON_FILE)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def defaults(name: str) -> dict[str, Any]:
+    """configs/common.py's section `name` (e.g. 'sample', 'fid') as a plain dict: every default."""
+    return _common().__dict__[name]().to_dict()
+
+
+def section(config: Any, name: str, key: str | None = None) -> dict[str, Any]:
+    """`config[key or name]` (absent or partial in an older run's config) over configs/common.py's
+    section `name`; keys the defaults lack are kept as the config gives them."""
+    given = (config.get(key or name, None) if config is not None else None) or {}
+    given = given.to_dict() if isinstance(given, ml_collections.ConfigDict) else dict(given)
+    return {**defaults(name), **given}
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

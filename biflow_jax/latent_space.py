@@ -192,15 +192,20 @@ def token_image_fn(decoder: LatentDecoder, patch_size: int, size: int, channels:
     """fn(tokens, frozen) -> decoded images in [-1, 1]: G's final latent tokens through the VAE whose
     params travel in frozen['vae'] (the `image_fn` of BiFlow's perceptual terms in latent space).
 
-    remat: recompute the decoder's activations in the backward pass instead of keeping them (a
-    256-px SD-VAE decode keeps ~1 GB a sample for its backward in float32).
+    remat: recompute each decoder block's activations in the backward pass, keeping only the block
+    inputs (a 256-px SD-VAE decode otherwise keeps most of its activations for the backward).
     """
     from biflow_jax.models.tarflow import unpatchify
+    from biflow_jax.models.vae import AutoencoderKL
+
+    if remat:
+        decoder = dataclasses.replace(decoder, model=AutoencoderKL(dataclasses.replace(decoder.model.cfg,
+                                                                                       remat=True)))
 
     def fn(tokens: Array, frozen: Any) -> Array:
         return decoder.decode(frozen["vae"], unpatchify(tokens, patch_size, size, size, channels))
 
-    return jax.checkpoint(fn) if remat else fn
+    return fn
 
 
 def require_pixel_space(config: Any, mode: str) -> None:

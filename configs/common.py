@@ -35,14 +35,17 @@ def flow_model(**overrides) -> ml_collections.ConfigDict:
     """TARFlow as ml-tarflow builds it (one head per 64 channels, 4x MLP, no clip by default).
 
     Improved-flow options, all off by default (docs/tarflow.md): rope (2D RoPE instead of the
-    learned positions; head_dim % 4 == 0), norm 'layernorm'|'rmsnorm', qk_norm, mlp 'gelu'|'swiglu',
-    block_layers (per-block layer counts in forward order, e.g. STARFlow's deep-shallow
-    (2, 2, 2, 2, 2, 24); () = layers_per_block for every block).
+    learned positions; head_dim % 4 == 0), norm 'layernorm'|'rmsnorm', qk_norm, mlp 'gelu'|'swiglu'
+    (ours: SiLU gate, hidden ceil(8C/3) to 8)|'geglu_starflow' (STARFlow's: tanh-GELU gate, hidden
+    C * expansion), block_layers (per-block layer counts in forward order, e.g. STARFlow's deep-shallow
+    (2, 2, 2, 2, 2, 24); () = layers_per_block for every block), clip_shift (the soft clip `clip` acts
+    on the shift too, as STARFlow's code does; ours clips the log-scale only).
     """
     fields = dict(name="tarflow", img_size=8, in_channels=1, patch_size=2, channels=64, num_blocks=4,
                   layers_per_block=2, num_classes=10, head_dim=64, expansion=4, clip=0.0, dtype="float32",
                   scan_layers=False, remat="none",  # nn.scan over each block's layers; "none"|"full"|"dots"
-                  rope=False, norm="layernorm", qk_norm=False, mlp="gelu", block_layers=())
+                  rope=False, norm="layernorm", qk_norm=False, mlp="gelu", block_layers=(),
+                  clip_shift=False)
     fields.update(overrides)
     return ml_collections.ConfigDict(fields)
 
@@ -98,14 +101,17 @@ def perceptual(lpips: float = 0.0, convnext: float = 0.0, dino: float = 0.0, **o
 
     lpips: VGG16 trunk (a torchvision vgg16 state_dict, `vgg16_path`) + the lpips package's
     calibration (`lin_path`; '' = the copy shipped in the installed lpips package).
-    convnext: a save_pretrained directory of facebook/convnextv2-base-22k-224 (`path`).
+    convnext: a save_pretrained directory of facebook/convnextv2-base-22k-224 (`path`); `normalize`
+    'imagenet' feeds it ImageNet mean/std-normalised crops (the checkpoint's training input), 'none'
+    the [-1, 1] crops as they are (the BiFlow group's pMF code).
     dino: a DINOv2 directory or torch-hub .pth (`path`; `size` only for .pth files).
     Each enabled term's file must exist or stage 2 stops at start naming it. Paired
     random-resized crops (`crop_scale` of the area, `crop_ratio` aspect) resized to `crop_size`
     px; `remat` recomputes the networks' activations (and, in latent space, the VAE decoder's) in
     the backward pass.
     """
-    fields = dict(lpips=dict(weight=lpips, vgg16_path="", lin_path=""), convnext=dict(weight=convnext, path=""),
+    fields = dict(lpips=dict(weight=lpips, vgg16_path="", lin_path=""),
+                  convnext=dict(weight=convnext, path="", normalize="imagenet"),
                   dino=dict(weight=dino, path="", size="vitb14"), crop_size=224, crop_scale=(0.08, 1.0),
                   crop_ratio=(3 / 4, 4 / 3), remat=False, dtype="float32")
     fields.update(overrides)
@@ -121,10 +127,14 @@ def fid(**overrides) -> ml_collections.ConfigDict:
     it is missing; make others with the evaluators' ref_stats module). inception:
     pytorch-fid's pt_inception-2015-12-05-6726825d.pth; `random_inception` is for tests and the
     digits only. guidance None: sample.guidance (exact) or biflow.guidance (BiFlow, if CFG-trained).
+    convention: 'adm' (ADM's TF-graph resize, what ADM's VIRTUAL_* reference batches hold) or
+    'pytorch_fid'; scoring a reference made in the other convention stops unless
+    `allow_convention_mismatch=True` says the figures are knowingly not comparable.
     """
     fields = dict(every=-1, train_samples=5000, num_samples=50_000, reference="", reference_name="", inception="",
                   random_inception=False, convention="adm", inception_size=299, batch_size=256, chunk_size=5000,
-                  guidance=placeholder(float), cfg_scale=0.0, seed=0, precision_recall=True, is_split_size=5000)
+                  guidance=placeholder(float), cfg_scale=0.0, seed=0, precision_recall=True, is_split_size=5000,
+                  allow_convention_mismatch=False)
     fields.update(overrides)
     return ml_collections.ConfigDict(fields)
 

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from biflow_jax.data import image_folder
+from biflow_jax.data import adm_resize, image_folder
 from biflow_jax.errors import DataError
 
 # tf.data must not grab the accelerator or all host threads JAX needs.
@@ -90,17 +90,15 @@ def _source(data_cfg: Any, split: str) -> tf.data.Dataset:
 
 
 def _resize(image: tf.Tensor, size: int, channels: int) -> tf.Tensor:
-    """Center-crop to a square and resize (area filter when shrinking), back to uint8."""
+    """`channels` channels, then ADM's centre crop to (size, size) (box halving, bicubic, centre square:
+    `data.adm_resize`, as ADM's reference batches were made); an image already that size is kept."""
     image = image[..., :channels] if image.shape[-1] and image.shape[-1] > channels else image
     if image.shape[-1] == 1 and channels == 3:
         image = tf.image.grayscale_to_rgb(image)
     if image.shape[0] == size and image.shape[1] == size:
         return image
-    h, w = tf.shape(image)[0], tf.shape(image)[1]
-    side = tf.minimum(h, w)
-    image = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
-    image = tf.image.resize(image, (size, size), method="area", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    out = tf.numpy_function(lambda x: adm_resize.center_crop_array(x, size), [image], tf.uint8, stateful=False)
+    return tf.ensure_shape(out, (size, size, channels))
 
 
 def train_batches(data: Any, batch_size: int, seed: int, position: int = 0) -> Iterator[dict[str, np.ndarray]]:

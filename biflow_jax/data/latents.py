@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from biflow_jax.data.adm_resize import center_crop_adm
 from biflow_jax.errors import DataError
 
 META_FILE = "latents.json"
@@ -38,20 +39,6 @@ STORE_DTYPES = ("float16", "float32")
 
 # ---------------------------------------------------------------------------
 # Images in.
-
-def center_crop_adm(image: Any, size: int) -> np.ndarray:
-    """A PIL image -> uint8 (size, size, 3): ADM's centre crop (box halving, bicubic, crop)."""
-    from PIL import Image
-
-    image = image.convert("RGB")
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return np.ascontiguousarray(arr[top:top + size, left:left + size])
-
 
 def _folder_files(folder: str, split: str) -> list[tuple[str, int]]:
     root = os.path.join(folder, split)

@@ -1,7 +1,7 @@
 """Evaluators: a run's params -> figures, chosen by a stage's `evals` config section.
 
 `evals` maps an evaluator's name to its settings, `every` (steps; 0 = only at the end of the
-stage) plus the evaluator's own keys. `fid` (sample_fid.FID_DEFAULTS) also holds the settings of
+stage) plus the evaluator's own keys. `fid` (configs/common.py's `fid()`) also holds the settings of
 `--mode=eval`; its `every=-1` keeps it out of training. Each evaluator is a callable on the stage's EMA
 trainable params with `.name` and `.every`; the trainer calls the due ones and logs their
 figures under `eval/`. Stage 1 (the flow) and stage 2 (BiFlow's G) offer different ones.

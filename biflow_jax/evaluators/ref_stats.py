@@ -6,8 +6,9 @@ the split, and `arr_0`, the first `--num_images` images (uint8 NHWC, 10,000 by d
 ADM's VIRTUAL_* files hold), from which precision/recall's reference features are computed
 when scoring, as ADM's evaluator does. One extra key, `biflow_meta` (JSON), records the
 Inception features used (FID or random weights, resize convention, input size), so a
-sample set is never scored in another feature space. Any dataset `config.data` reads works
-(`data/input_pipeline.eval_batches`); each process reads its own shard.
+sample set is never scored in another feature space, and the image resize (`resize`: ADM's
+centre crop, `data.adm_resize`, the same function training reads through). Any dataset
+`config.data` reads works (`data/input_pipeline.eval_batches`); each process reads its own shard.
 
 Inception settings come from the config's `evals.fid` section (`inception` weights path,
 `convention`, `inception_size`, `batch_size`); `--inception`, `--random_inception` override.
@@ -36,6 +37,7 @@ flags.DEFINE_integer("num_images", 10_000, "Images kept in arr_0 (for precision/
 flags.DEFINE_string("inception", None, "pt_inception-2015-12-05-6726825d.pth (default evals.fid.inception).")
 flags.DEFINE_bool("random_inception", False, "Random Inception weights: tests and the digits only.")
 FLAGS = flags.FLAGS
+RESIZE = "adm_center_crop"  # data.adm_resize: box halving, bicubic, centre square (guided-diffusion)
 
 
 def compute(config, out: str, split: str | None = None, num_images: int = 10_000, inception: str | None = None,
@@ -77,7 +79,7 @@ def compute(config, out: str, split: str | None = None, num_images: int = 10_000
     mu, sigma = fid.feature_statistics(features["pool"])
     mu_s, sigma_s = fid.feature_statistics(features["spatial"])
     meta = {**sample_fid.extractor_meta(extractor), "dataset": config.data.name, "split": split,
-            "image_size": int(config.data.image_size), "num_statistics": int(len(features["pool"])),
+            "image_size": int(config.data.image_size), "resize": RESIZE, "num_statistics": int(len(features["pool"])),
             "num_images": int(sum(len(k) for k in kept)), "weights": extractor.weights}
     if is_main_process():
         tmp = f"{out}.tmp.{os.getpid()}"

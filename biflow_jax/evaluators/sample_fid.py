@@ -8,7 +8,7 @@ depend on batch size, chunking, device or process count; the exact inverse (TARF
 arXiv:2412.06329) and BiFlow's 1-NFE G (arXiv:2512.10953) start from the same noise.
 
 Settings live in a stage's `evals.fid` section (stage 1: the exact inverse) or
-`biflow.evals.fid` (stage 2: BiFlow); missing keys take `FID_DEFAULTS`.
+`biflow.evals.fid` (stage 2: BiFlow); missing keys take configs/common.py's `fid()` defaults.
 """
 
 from __future__ import annotations
@@ -25,30 +25,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from biflow_jax import sharding
+from biflow_jax import config_files, sharding
 from biflow_jax.errors import ConfigError
 from biflow_jax.evaluators import fid
 from biflow_jax.evaluators.inception_features import InceptionExtractor, load_variables
 from biflow_jax.samplers import exact_inverse, one_nfe
 
-FID_DEFAULTS: dict[str, Any] = {
-    "every": -1,  # steps between evaluations in training; 0 = at the end; -1 = never (only --mode=eval)
-    "train_samples": 5000,  # samples per evaluation during training
-    "num_samples": 50_000,  # samples of --mode=eval (the papers' FID-50K)
-    "reference": "",  # ADM-format reference batch (.npz with mu, sigma, mu_s, sigma_s[, arr_0])
-    "reference_name": "",  # the published file this config expects there, named in the error when empty
-    "inception": "",  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth
-    "random_inception": False,  # tests / digits only: a random network, not the FID one
-    "convention": "adm",  # resize and scaling before Inception: 'adm' (TF graph) or 'pytorch_fid'
-    "inception_size": 299,
-    "batch_size": 256,  # global, for sampling and for Inception
-    "chunk_size": 5000,  # --mode=eval: images per resumable chunk file
-    "guidance": None,  # None: exact inverse -> sample.guidance; BiFlow -> biflow.guidance (if CFG-trained)
-    "cfg_scale": 0.0,  # BiFlow: inference-time CFG (2 NFE) on top of the trained-in guidance
-    "seed": 0,
-    "precision_recall": True,  # needs the reference's images (arr_0)
-    "is_split_size": 5000,  # Inception Score splits, ADM's convention
-}
 META_KEY = "biflow_meta"  # our extra key in reference files: which Inception features they hold
 
 
@@ -57,13 +39,14 @@ def section_key(stage: str) -> str:
 
 
 def fid_settings(config: Any, stage: str) -> dict[str, Any]:
-    """The stage's fid section (evals.fid or biflow.evals.fid) over FID_DEFAULTS."""
+    """The stage's fid section (evals.fid or biflow.evals.fid) over configs/common.py's `fid()`."""
     evals = (config.biflow.get("evals", {}) if stage == "biflow" else config.get("evals", {})) if config else {}
     section = evals.get("fid", None) or {}
-    unknown = sorted(set(section) - set(FID_DEFAULTS))
+    defaults = config_files.defaults("fid")
+    unknown = sorted(set(section) - set(defaults))
     if unknown:
-        raise ConfigError(f"{section_key(stage)}.{unknown[0]} is not a FID setting; choose from {sorted(FID_DEFAULTS)}")
-    settings = {k: section.get(k, v) for k, v in FID_DEFAULTS.items()}
+        raise ConfigError(f"{section_key(stage)}.{unknown[0]} is not a FID setting; choose from {sorted(defaults)}")
+    settings = {k: section.get(k, v) for k, v in defaults.items()}
     settings["section"] = section_key(stage)
     return settings
 
@@ -115,16 +98,27 @@ def check_feature_space(settings: dict[str, Any], extractor: InceptionExtractor)
     """The reference's path, after checking it holds statistics of the extractor's features.
 
     A reference made in another feature space (random vs FID weights, another input size or
-    resize convention) is refused: the distance between the two would mean nothing.
+    resize convention) is refused: the distance between the two would mean nothing. A file
+    without our `biflow_meta` key is taken for one of ADM's (its VIRTUAL_* batches): the FID
+    network at 299 px in the 'adm' convention. Only the convention may differ, and only with
+    `allow_convention_mismatch=True` (models/inception.py: the two give different features).
     """
     path = check_reference_path(settings)
     meta = read_meta(path)
-    if meta is None:  # an ADM file: the FID network at 299 px
+    allow = bool(settings["allow_convention_mismatch"])
+    if meta is None:  # an ADM file: the FID network at 299 px, ADM's own convention
         if extractor.random or extractor.size != 299:
             raise ConfigError(f"{path} holds FID Inception statistics at 299 px; scoring with {extractor.describe()} "
                               "cannot be compared with it (make a matching reference with ref_stats)")
+        if extractor.convention != "adm" and not allow:
+            raise ConfigError(f"{path} is an ADM reference batch (convention 'adm') but {settings['section']}."
+                              f"convention={extractor.convention!r}: the features differ, so the FID would be biased; "
+                              f"set {settings['section']}.convention=adm, or {settings['section']}."
+                              "allow_convention_mismatch=True to score it anyway")
         return path
-    differ = [f"{k} {meta.get(k)!r} vs {v!r}" for k, v in extractor_meta(extractor).items() if meta.get(k) != v]
+    ours = extractor_meta(extractor)
+    differ = [f"{k} {meta.get(k)!r} vs {v!r}" for k, v in ours.items()
+              if meta.get(k) != v and not (allow and k == "convention")]
     if differ:
         raise ConfigError(f"reference {path} was computed with other Inception features than this run's ("
                           + ", ".join(differ) + "); recompute it with ref_stats")
@@ -187,18 +181,16 @@ def _images(decoder: Any, params: Any, generate_raw: Callable[[Any], jax.Array])
 def exact_sampler(flow: Any, flow_config: Any, config: Any, settings: dict[str, Any], decoder: Any = None) -> Sampler:
     """The flow's exact inverse with config.sample's solver, guidance and denoising (guidance
     from the fid section when set there)."""
-    sample = (config.get("sample", None) if config else None) or {}
-    scale = settings["guidance"] if settings["guidance"] is not None else sample.get("guidance", 0.0)
-    guidance = exact_inverse.Guidance(scale=float(scale), what=sample.get("guide_what", "ab"),
-                                      annealed=bool(sample.get("annealed", False)),
-                                      attn_temp=float(sample.get("attn_temp", 1.0)), rule=sample.get("rule", "cfg"))
+    sample = config_files.section(config, "sample")
+    scale = settings["guidance"] if settings["guidance"] is not None else sample["guidance"]
+    guidance = exact_inverse.Guidance(scale=float(scale), what=sample["guide_what"], annealed=bool(sample["annealed"]),
+                                      attn_temp=float(sample["attn_temp"]), rule=sample["rule"])
     exact_inverse.check_guidance(flow, guidance)
-    solver = sample.get("solver", "cached")
-    train = flow_config.get("train", None) or {}
-    sigma = float(train.get("noise_std", 0.0)) if sample.get("denoise", False) and train.get("noise") == "gaussian" \
-        else 0.0
-    noise_scale, seed = float(sample.get("noise_scale", 1.0)), int(settings["seed"])
-    tol, iters = float(sample.get("jacobi_tol", 1e-4)), int(sample.get("jacobi_max_iters", 0))
+    solver = sample["solver"]
+    train = config_files.section(flow_config, "flow_train", "train")
+    sigma = float(train["noise_std"]) if sample["denoise"] and train["noise"] == "gaussian" else 0.0
+    noise_scale, seed = float(sample["noise_scale"]), int(settings["seed"])
+    tol, iters = float(sample["jacobi_tol"]), int(sample["jacobi_max_iters"])
 
     @jax.jit
     def generate(params, index, labels):

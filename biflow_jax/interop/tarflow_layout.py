@@ -9,8 +9,9 @@ LayerNorm `weight` <-> Flax `scale`, and a torch Linear weight (out, in) is the 
 of a Flax Dense kernel (in, out). Two buffers have no Flax counterpart: each block's causal
 `attn_mask` (lower-triangular ones) and the model's prior variance `var` (ones).
 
-The improved-flow options of `config.model` (`FLOW_OPTIONS`: RoPE, RMSNorm, QK-norm, SwiGLU,
-per-block layer counts; STARFlow arXiv:2506.06276) change the layout; ml-tarflow has none of
+The improved-flow options of `config.model` (`FLOW_OPTIONS`: RoPE, RMSNorm, QK-norm, SwiGLU or
+STARFlow's gated MLP, per-block layer counts, the clip of the shift; STARFlow arXiv:2506.06276)
+change the layout or the maths; ml-tarflow has none of
 them, so only `biflow_jax.torch.tarflow.Model` reads such a state_dict
 (`ml_tarflow_compatible` tells which is which).
 """
@@ -36,9 +37,10 @@ class TensorSpec:
 
 
 # The improved-flow options of `config.model` and their defaults (ml-tarflow's architecture).
-FLOW_OPTIONS = {"rope": False, "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "block_layers": ()}
+FLOW_OPTIONS = {"rope": False, "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "block_layers": (),
+                "clip_shift": False}
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "geglu_starflow")
 
 
 def flow_options(model_cfg: Any) -> dict[str, Any]:
@@ -46,6 +48,7 @@ def flow_options(model_cfg: Any) -> dict[str, Any]:
     `block_layers` comes back as a tuple of one positive layer count per block, forward order."""
     options = {key: model_cfg.get(key, default) for key, default in FLOW_OPTIONS.items()}
     options["rope"], options["qk_norm"] = bool(options["rope"]), bool(options["qk_norm"])
+    options["clip_shift"] = bool(options["clip_shift"])
     if options["norm"] not in NORMS:
         raise ValueError(f"model.norm must be one of {NORMS}, got {options['norm']!r}")
     if options["mlp"] not in MLPS:
@@ -64,12 +67,16 @@ def flow_options(model_cfg: Any) -> dict[str, Any]:
 
 def ml_tarflow_lacks(model_cfg: Any) -> list[str]:
     """The options this flow uses that ml-tarflow's `transformer_flow.Model` lacks, by name
-    (rope, rmsnorm, qk_norm, swiglu, block_layers=[...]); empty for the default architecture."""
+    (rope, rmsnorm, qk_norm, swiglu, geglu_starflow, block_layers=[...], clip_shift); empty for the
+    default architecture. clip_shift changes no key but the maths, so ml-tarflow would run it wrongly."""
     options = flow_options(model_cfg)
     used = [name for name, on in (("rope", options["rope"]), ("rmsnorm", options["norm"] == "rmsnorm"),
-                                  ("qk_norm", options["qk_norm"]), ("swiglu", options["mlp"] == "swiglu")) if on]
+                                  ("qk_norm", options["qk_norm"]), ("swiglu", options["mlp"] == "swiglu"),
+                                  ("geglu_starflow", options["mlp"] == "geglu_starflow")) if on]
     if len(set(options["block_layers"])) > 1 or options["block_layers"][0] != model_cfg["layers_per_block"]:
         used.append(f"block_layers={list(options['block_layers'])}")
+    if options["clip_shift"]:
+        used.append("clip_shift")
     return used
 
 
@@ -133,6 +140,10 @@ def state_dict_layout(model_cfg: Any) -> dict[str, TensorSpec]:
             if options["mlp"] == "swiglu":
                 add_linear(f"{torch_layer}.mlp.gate_up", flax_layer + ("mlp", "gate_up"), width, 2 * swiglu)
                 add_linear(f"{torch_layer}.mlp.down", flax_layer + ("mlp", "down"), swiglu, width)
+            elif options["mlp"] == "geglu_starflow":  # STARFlow's names: gate_proj, up_proj, down_proj
+                for name, fan_in, fan_out in (("gate_proj", width, hidden), ("up_proj", width, hidden),
+                                              ("down_proj", hidden, width)):
+                    add_linear(f"{torch_layer}.mlp.{name}", flax_layer + ("mlp", name), fan_in, fan_out)
             else:
                 add_linear(f"{torch_layer}.mlp.main.0", flax_layer + ("mlp", "main_0"), width, hidden)
                 add_linear(f"{torch_layer}.mlp.main.2", flax_layer + ("mlp", "main_2"), hidden, width)

@@ -65,7 +65,7 @@ def forward_config(config: Any) -> dict[str, Any]:
 
     Extras: head_dim, expansion, clip (architecture), and the training noise (noise_type,
     noise_std) so a PyTorch user knows what the model's data distribution was. A flow with
-    improved-flow options also records them (rope, norm, qk_norm, mlp, block_layers) and
+    improved-flow options also records them (rope, norm, qk_norm, mlp, block_layers, clip_shift) and
     `ml_tarflow_compatible: false`; a default flow's file stays exactly ml-tarflow's arguments
     plus the extras above, as it always was.
     """
@@ -76,6 +76,7 @@ def forward_config(config: Any) -> dict[str, Any]:
         given = flow_options(model)
         options = {"rope": given["rope"], "norm": str(given["norm"]), "qk_norm": given["qk_norm"],
                    "mlp": str(given["mlp"]), "block_layers": [int(n) for n in (model.get("block_layers") or ())],
+                   "clip_shift": given["clip_shift"],
                    "ml_tarflow_compatible": False}
     return options | {
         "in_channels": int(model.in_channels),

@@ -28,6 +28,12 @@ RoFormer arXiv:2104.09864, replacing the learned `pos_embed`), `norm="rmsnorm"` 
 `qk_norm` (per-head norm of q and k), `mlp="swiglu"` (arXiv:2002.05202) and `block_layers`
 (a per-block layer count: STARFlow's deep-shallow flow). Only `biflow_jax.torch` reads a flow
 exported with any of them; ml-tarflow cannot.
+
+Where STARFlow's code differs from ours, its choice is an option beside ours (docs/tarflow.md):
+`clip_shift` soft-clips the shift b as well as the log-scale a (STARFlow clips the whole
+output of proj_out; ours clips a only), and `mlp="geglu_starflow"` is STARFlow's gated MLP
+(tanh-GELU gate, hidden C * expansion, separate gate/up/down) where `mlp="swiglu"` is ours
+(SiLU gate, hidden ceil(8C/3) rounded to 8, one gate_up matmul).
 """
 
 from __future__ import annotations
@@ -113,9 +119,9 @@ def soft_clip(a: Array, clip: float) -> Array:
 # The optional `config.model` keys and their defaults (the ml-tarflow model): a run saved before a key
 # existed is read with its default.
 OPTION_DEFAULTS = dict(scan_layers=False, remat="none", rope=False, norm="layernorm", qk_norm=False, mlp="gelu",
-                       block_layers=())
+                       block_layers=(), clip_shift=False)
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "geglu_starflow")
 
 
 def make_norm(kind: str, dtype: Any, name: str) -> nn.Module:
@@ -236,6 +242,33 @@ class SwiGLU(nn.Module):
         return linear(self.channels, hidden, self.dtype, "down")(jax.nn.silu(gate) * up)
 
 
+def gelu_tanh(x: Array) -> Array:
+    """GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): torch's
+    F.gelu(approximate='tanh'), the gate of STARFlow's MLP."""
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+class StarflowGatedMLP(nn.Module):
+    """STARFlow's gated MLP (arXiv:2506.06276, `use_swiglu` in its code): down(gelu_tanh(gate) * up)
+    with hidden width C * expansion and three separate Dense layers. Not our `SwiGLU`."""
+
+    channels: int
+    expansion: int = 4
+    dtype: Any = jnp.float32
+    norm_kind: str = "layernorm"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        hidden = self.channels * self.expansion
+        h = layer_norm(x, make_norm(self.norm_kind, self.dtype, "norm"))
+        gate = linear(hidden, self.channels, self.dtype, "gate_proj")(h)
+        up = linear(hidden, self.channels, self.dtype, "up_proj")(h)
+        return linear(self.channels, hidden, self.dtype, "down_proj")(gelu_tanh(gate) * up)
+
+
+MLP_CLASSES = {"gelu": MLP, "swiglu": SwiGLU, "geglu_starflow": StarflowGatedMLP}
+
+
 class AttentionBlock(nn.Module):
     """One transformer layer: x + attention(x), then x + mlp(x)."""
 
@@ -249,8 +282,7 @@ class AttentionBlock(nn.Module):
 
     def setup(self):
         self.attention = Attention(self.channels, self.head_dim, self.dtype, self.norm_kind, self.qk_norm)
-        mlp_cls = SwiGLU if self.mlp_kind == "swiglu" else MLP
-        self.mlp = mlp_cls(self.channels, self.expansion, self.dtype, self.norm_kind)
+        self.mlp = MLP_CLASSES[self.mlp_kind](self.channels, self.expansion, self.dtype, self.norm_kind)
 
     def __call__(self, x: Array, temp: Array | float = 1.0, rope: tuple[Array, Array] | None = None) -> Array:
         x = x + self.attention(x, temp, rope)
@@ -295,6 +327,7 @@ class MetaBlock(nn.Module):
     norm_kind: str = "layernorm"
     qk_norm: bool = False
     mlp_kind: str = "gelu"
+    clip_shift: bool = False  # soft-clip b as well as a (STARFlow)
 
     def setup(self):
         self.proj_in = linear(self.channels, self.token_dim, self.dtype, "proj_in")
@@ -380,7 +413,12 @@ class MetaBlock(nn.Module):
         out = self.proj_out(h).astype(accum_dtype(self.dtype))
         out = jnp.concatenate([jnp.zeros_like(out[:, :1]), out[:, :-1]], axis=1)
         a, b = jnp.split(out, 2, axis=-1)
-        return soft_clip(a, self.clip), b, tuple(hiddens)
+        return (*self.clip_ab(a, b), tuple(hiddens))
+
+    def clip_ab(self, a: Array, b: Array) -> tuple[Array, Array]:
+        """The soft clip of proj_out's output: the log-scale a always, the shift b with `clip_shift`
+        (STARFlow arXiv:2506.06276 clips both; without it b is left alone)."""
+        return soft_clip(a, self.clip), soft_clip(b, self.clip) if self.clip_shift else b
 
     def __call__(self, x: Array, y: Array | None = None,
                  class_mix: Array | None = None) -> tuple[Array, Array, tuple[Array, ...]]:
@@ -423,7 +461,7 @@ class MetaBlock(nn.Module):
                 new_cache.append(layer_cache)
         out = self.proj_out(h)[:, 0].astype(accum_dtype(self.dtype))
         a, b = jnp.split(out, 2, axis=-1)
-        return soft_clip(a, self.clip), b, tuple(new_cache)
+        return (*self.clip_ab(a, b), tuple(new_cache))
 
 
 @struct.dataclass
@@ -460,8 +498,9 @@ class TARFlow(nn.Module):
     rope: bool = False  # 2D axial RoPE on q, k (no learned pos_embed)
     norm: str = "layernorm"  # "layernorm" | "rmsnorm": every pre-norm (and the q/k norms)
     qk_norm: bool = False  # per-head norm of q and k before RoPE
-    mlp: str = "gelu"  # "gelu" | "swiglu"
+    mlp: str = "gelu"  # "gelu" | "swiglu" (ours) | "geglu_starflow" (STARFlow's gated MLP)
     block_layers: tuple[int, ...] = ()  # per-block layer counts, forward order; () = layers_per_block each
+    clip_shift: bool = False  # the soft clip acts on the shift too (STARFlow), not only the log-scale
 
     @property
     def layer_counts(self) -> tuple[int, ...]:
@@ -486,7 +525,7 @@ class TARFlow(nn.Module):
                 num_layers=layers, flip=bool(i % 2), num_classes=self.num_classes,
                 head_dim=self.head_dim, expansion=self.expansion, clip=self.clip, dtype=self.dtype,
                 scan_layers=self.scan_layers, remat=self.remat, rope=self.rope, norm_kind=self.norm,
-                qk_norm=self.qk_norm, mlp_kind=self.mlp, name=f"blocks_{i}",
+                qk_norm=self.qk_norm, mlp_kind=self.mlp, clip_shift=self.clip_shift, name=f"blocks_{i}",
             )
             for i, layers in enumerate(self.layer_counts)
         ]
@@ -560,7 +599,7 @@ def build_flow(cfg: Any) -> TARFlow:
     """The flow described by a `config.model` ConfigDict (or a plain dict with the same keys).
 
     `scan_layers`, `remat` and the improved-flow options (`rope`, `norm`, `qk_norm`, `mlp`,
-    `block_layers`) are optional keys whose defaults build the ml-tarflow model, so older
+    `block_layers`, `clip_shift`) are optional keys whose defaults build the ml-tarflow model, so older
     configs build the same model as before.
     """
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
@@ -578,7 +617,7 @@ def build_flow(cfg: Any) -> TARFlow:
         clip=cfg["clip"], dtype=dtypes[cfg["dtype"]], scan_layers=bool(cfg.get("scan_layers", False)),
         remat=remat, rope=bool(cfg.get("rope", False)), norm=cfg.get("norm", "layernorm") or "layernorm",
         qk_norm=bool(cfg.get("qk_norm", False)), mlp=cfg.get("mlp", "gelu") or "gelu",
-        block_layers=block_layers,
+        block_layers=block_layers, clip_shift=bool(cfg.get("clip_shift", False)),
     )
 
 

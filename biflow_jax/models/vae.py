@@ -59,6 +59,7 @@ class VAEConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
     dtype: str = "float32"
+    remat: bool = False  # decoder: recompute each ResNet / attention block in the backward pass (not a weight)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
@@ -223,11 +224,13 @@ class UpDecoderBlock2D(nn.Module):
     groups: int
     add_upsample: bool
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        block = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
         for i in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, self.groups, self.dtype, name=f"resnets_{i}")(x)
+            x = block(self.out_channels, self.groups, self.dtype, name=f"resnets_{i}")(x)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(x)
         return x
@@ -240,13 +243,16 @@ class UNetMidBlock2D(nn.Module):
     groups: int
     add_attention: bool = True
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = ResnetBlock2D(self.channels, self.groups, self.dtype, name="resnets_0")(x)
+        block = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
+        attention = nn.remat(Attention) if self.remat else Attention
+        x = block(self.channels, self.groups, self.dtype, name="resnets_0")(x)
         if self.add_attention:
-            x = Attention(self.groups, self.dtype, name="attentions_0")(x)
-        return ResnetBlock2D(self.channels, self.groups, self.dtype, name="resnets_1")(x)
+            x = attention(self.groups, self.dtype, name="attentions_0")(x)
+        return block(self.channels, self.groups, self.dtype, name="resnets_1")(x)
 
 
 class Encoder(nn.Module):
@@ -278,11 +284,11 @@ class Decoder(nn.Module):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         channels = tuple(reversed(cfg.block_out_channels))
         x = _conv(channels[0], 3, "conv_in", dtype)(z.astype(dtype))
-        x = UNetMidBlock2D(channels[0], cfg.norm_num_groups, cfg.mid_block_add_attention, dtype,
+        x = UNetMidBlock2D(channels[0], cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, cfg.remat,
                            name="mid_block")(x)
         for i, ch in enumerate(channels):
             x = UpDecoderBlock2D(ch, cfg.layers_per_block + 1, cfg.norm_num_groups, i < len(channels) - 1, dtype,
-                                 name=f"up_blocks_{i}")(x)
+                                 cfg.remat, name=f"up_blocks_{i}")(x)
         x = _norm_silu(x, cfg.norm_num_groups, "conv_norm_out", dtype)
         return _conv(cfg.out_channels, 3, "conv_out", dtype)(x)
 

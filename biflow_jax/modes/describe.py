@@ -48,7 +48,9 @@ def describe_flow(config: ml_collections.ConfigDict) -> dict[str, Any]:
     layers = (f"{model.layers_per_block} layers" if not model.block_layers
               else f"({', '.join(map(str, model.block_layers))}) layers")
     options = [name for name, on in (("RoPE", model.rope), ("RMSNorm", model.norm == "rmsnorm"),
-                                     ("QK-norm", model.qk_norm), ("SwiGLU", model.mlp == "swiglu")) if on]
+                                     ("QK-norm", model.qk_norm), ("SwiGLU (ours)", model.mlp == "swiglu"),
+                                     ("STARFlow's GEGLU MLP", model.mlp == "geglu_starflow"),
+                                     (f"soft clip {model.clip:g} of log-scale and shift", model.clip_shift)) if on]
     return {"name": "flow", "model": f"{config.model.get('name', 'tarflow')} {model.num_blocks} blocks x "
             f"{layers}, width {model.channels}, patch {model.patch_size}" + "".join(f", {o}" for o in options),
             "params": count(params), "classes": model.num_classes, "tokens": model.num_tokens,

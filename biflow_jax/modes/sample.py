@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from biflow_jax import latent_space, runs, workdir_lock
+from biflow_jax import config_files, latent_space, runs, workdir_lock
 from biflow_jax.errors import ConfigError
 from biflow_jax.evaluators import grids
 from biflow_jax.samplers import exact_inverse, one_nfe
@@ -37,27 +37,9 @@ SAMPLERS = (*EXACT_SOLVERS, "biflow")
 MAX_GRID_COLUMNS = 16  # images per class row in the PNG (all of them are in the npz)
 MAX_GRID_IMAGES = 256  # an unconditional grid shows at most this many
 
-# Defaults for the `sample` config section, used for any field a config lacks.
-SAMPLE_DEFAULTS = {
-    "num_images": 100,
-    "batch_size": 100,
-    "guidance": 0.0,
-    "guide_what": "ab",
-    "annealed": False,
-    "attn_temp": 1.0,
-    "rule": "cfg",
-    "solver": "cached",
-    "noise_scale": 1.0,
-    "denoise": True,
-    "jacobi_tol": 1e-4,
-    "jacobi_max_iters": 0,
-}
-
-
 def sample_settings(config: Any) -> dict:
-    """config.sample with defaults filled in (the section may be missing or partial)."""
-    section = (config.get("sample", None) if config is not None else None) or {}
-    return {key: section.get(key, default) for key, default in SAMPLE_DEFAULTS.items()}
+    """config.sample over configs/common.py's `sample` section (the section may be missing or partial)."""
+    return config_files.section(config, "sample")
 
 
 def guidance_from_settings(settings: dict) -> exact_inverse.Guidance:
@@ -69,9 +51,9 @@ def guidance_from_settings(settings: dict) -> exact_inverse.Guidance:
 
 def denoise_sigma(config: Any, settings: dict) -> float:
     """The training noise level when the flow learned Gaussian-noised images, else 0 (no step)."""
-    train = config.get("train", None) or {}
-    if settings["denoise"] and train.get("noise", None) == "gaussian":
-        return float(train.get("noise_std", 0.0))
+    train = config_files.section(config, "flow_train", "train")
+    if settings["denoise"] and train["noise"] == "gaussian":
+        return float(train["noise_std"])
     return 0.0
 
 

@@ -8,7 +8,9 @@ antialiased bicubic kernel; then
 
 - LPIPS-VGG (arXiv:1801.03924) between the two crops (weight 0.4 in the paper),
 - ConvNeXt-V2 (arXiv:2301.00808) pooled, layer-normed features compared by squared L2
-  (weight 0.1),
+  (weight 0.1); its input is ImageNet-normalised by default (`convnext.normalize='imagenet'`,
+  the statistics the checkpoint was trained with), or the [-1, 1] crops as they are
+  (`'none'`, as the BiFlow group's pMF code, Lyy-iiis/pMF, feeds them),
 - optionally a DINOv2 distance: squared L2 between the final-LayerNorm CLS tokens
   (off by default; not in the paper's recipe),
 
@@ -49,6 +51,7 @@ Distance = Callable[[Any, Array, Array], Array]
 ImageFn = Callable[[Array, Any], Array]
 
 TERMS = ("lpips", "convnext", "dino")
+CONVNEXT_INPUTS = ("imagenet", "none")  # biflow.perceptual.convnext.normalize
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -182,11 +185,15 @@ def lpips_distance(dtype: Any = jnp.float32) -> Distance:
     return distance
 
 
-def convnext_distance(model: ConvNeXtV2) -> Distance:
-    """Squared L2 between ConvNeXt-V2 pooled, layer-normed features (ImageNet-normalised input)."""
+def convnext_distance(model: ConvNeXtV2, normalize: str = "imagenet") -> Distance:
+    """Squared L2 between ConvNeXt-V2 pooled, layer-normed features; the input is ImageNet-normalised
+    (`normalize='imagenet'`) or the [-1, 1] crops unchanged (`'none'`, pMF's choice)."""
+    if normalize not in CONVNEXT_INPUTS:
+        raise ValueError(f"biflow.perceptual.convnext.normalize={normalize!r} must be one of {CONVNEXT_INPUTS}")
+    prepare = imagenet_normalize if normalize == "imagenet" else (lambda x: x)
 
     def features(params: Any, x: Array) -> Array:
-        return model.apply({"params": params}, imagenet_normalize(x.astype(jnp.float32))).astype(jnp.float32)
+        return model.apply({"params": params}, prepare(x.astype(jnp.float32))).astype(jnp.float32)
 
     def distance(params: Any, generated: Array, real: Array) -> Array:
         diff = features(params, generated) - jax.lax.stop_gradient(features(params, real))
@@ -299,6 +306,9 @@ def validate(section: ml_collections.ConfigDict) -> None:
     require(int(section.crop_size) >= 32, f"biflow.perceptual.crop_size={section.crop_size} must be >= 32 px "
             "(ConvNeXt's patchify and three 2x downsamplings need 32)")
     require(section.dtype in DTYPES, f"biflow.perceptual.dtype={section.dtype!r} must be one of {sorted(DTYPES)}")
+    normalize = section.convnext.get("normalize", "imagenet")
+    require(normalize in CONVNEXT_INPUTS,
+            f"biflow.perceptual.convnext.normalize={normalize!r} must be one of {CONVNEXT_INPUTS}")
     check_files(section)
 
 
@@ -342,7 +352,8 @@ def build(section: ml_collections.ConfigDict,
             from biflow_jax.interop.convnext_weights import load_convnext
 
             convnext_config, params[name] = load_convnext(cfg.path)
-            distances[name] = convnext_distance(ConvNeXtV2(convnext_config, dtype=dtype))
+            distances[name] = convnext_distance(ConvNeXtV2(convnext_config, dtype=dtype),
+                                                cfg.get("normalize", "imagenet"))
         else:
             from biflow_jax.interop.dino_weights import load_dino
 
@@ -373,7 +384,8 @@ def build_abstract(section: ml_collections.ConfigDict, weighting: Callable[[Arra
             continue
         model = (ConvNeXtV2(convnext_config("base"), dtype=dtype) if name == "convnext"
                  else Dinov2(dinov2_config(section[name].size), dtype=dtype))
-        distances[name] = convnext_distance(model) if name == "convnext" else dino_distance(model)
+        distances[name] = (convnext_distance(model, section[name].get("normalize", "imagenet")) if name == "convnext"
+                           else dino_distance(model))
         params[name] = jax.eval_shape(model.init, jax.random.key(0), crop)["params"]
     return assemble(section, distances, weighting), params
 

@@ -16,6 +16,9 @@ this port loads a flow that uses one):
 - `norm="rmsnorm"`: RMSNorm pre-norms (arXiv:1910.07467), weight only;
 - `qk_norm`: q and k normalised per head over head_dim (`attention.q_norm` / `k_norm`);
 - `mlp="swiglu"`: the SwiGLU MLP (arXiv:2002.05202), `mlp.gate_up` and `mlp.down`;
+- `mlp="geglu_starflow"`: STARFlow's gated MLP (arXiv:2506.06276; tanh-GELU gate, hidden
+  C * expansion), `mlp.gate_proj`, `mlp.up_proj`, `mlp.down_proj`;
+- `clip_shift`: the soft clip acts on the shift b as well as the log-scale a (STARFlow);
 - `block_layers`: a layer count per block, e.g. STARFlow's deep-shallow flow (arXiv:2506.06276).
 
 Images are NCHW in [-1, 1]; tokens come from `F.unfold`, so inside a patch the order is
@@ -41,7 +44,7 @@ def soft_clip(a: torch.Tensor, clip: float) -> torch.Tensor:
 
 
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "geglu_starflow")
 ROPE_BASE = 10000.0
 
 
@@ -185,6 +188,24 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+class StarflowGatedMLP(nn.Module):
+    """STARFlow's gated MLP, down_proj(gelu_tanh(gate_proj(h)) * up_proj(h)), hidden C * expansion."""
+
+    def __init__(self, channels: int, expansion: int = 4, norm: str = "layernorm"):
+        super().__init__()
+        self.norm = make_norm(norm, channels)
+        self.gate_proj = nn.Linear(channels, channels * expansion)
+        self.up_proj = nn.Linear(channels, channels * expansion)
+        self.down_proj = nn.Linear(channels * expansion, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = norm_float32(self.norm, x)
+        return self.down_proj(F.gelu(self.gate_proj(h), approximate="tanh") * self.up_proj(h))
+
+
+MLP_CLASSES = {"gelu": MLP, "swiglu": SwiGLU, "geglu_starflow": StarflowGatedMLP}
+
+
 class AttentionBlock(nn.Module):
     """One transformer layer: x + attention(x), then x + mlp(x)."""
 
@@ -194,7 +215,7 @@ class AttentionBlock(nn.Module):
         if mlp not in MLPS:
             raise ValueError(f"mlp must be one of {MLPS}, got {mlp!r}")
         self.attention = Attention(channels, head_dim, norm, qk_norm)
-        self.mlp = (SwiGLU if mlp == "swiglu" else MLP)(channels, expansion, norm)
+        self.mlp = MLP_CLASSES[mlp](channels, expansion, norm)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, temp: float | torch.Tensor = 1.0,
                 cache: KVCache | None = None,
@@ -214,10 +235,12 @@ class MetaBlock(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, num_patches: int, flip: bool, num_layers: int = 1,
                  head_dim: int = 64, expansion: int = 4, num_classes: int = 0, clip: float = 0.0,
-                 rope: bool = False, norm: str = "layernorm", qk_norm: bool = False, mlp: str = "gelu"):
+                 rope: bool = False, norm: str = "layernorm", qk_norm: bool = False, mlp: str = "gelu",
+                 clip_shift: bool = False):
         super().__init__()
         self.flip = flip
         self.clip = clip
+        self.clip_shift = clip_shift
         self.num_classes = num_classes
         self.rope = rope
         self.head_dim = head_dim
@@ -262,6 +285,10 @@ class MetaBlock(nn.Module):
         chosen = self.class_embed[y.clamp(0, self.num_classes - 1)]
         return torch.where((y < 0).view(-1, 1, 1), mean, chosen)
 
+    def clip_ab(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft clip of the log-scale, and of the shift too with `clip_shift` (STARFlow)."""
+        return soft_clip(a, self.clip), soft_clip(b, self.clip) if self.clip_shift else b
+
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, T, D) -> z = (x - b) * exp(-a), and per-sample log|det| / dims (N,)."""
         x = self.permute(x)
@@ -271,8 +298,7 @@ class MetaBlock(nn.Module):
             h = layer(h, self.attn_mask, rope=rope)
         out = self.proj_out(h).float()
         out = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)  # token t sees only x[<t]
-        a, b = out.chunk(2, dim=-1)
-        a = soft_clip(a, self.clip)
+        a, b = self.clip_ab(*out.chunk(2, dim=-1))
         z = (x.float() - b) * torch.exp(-a)
         return self.permute(z.to(x.dtype)), -a.mean(dim=(1, 2))
 
@@ -307,8 +333,7 @@ class MetaBlock(nn.Module):
             token_rope = None if rope is None else (rope[0][i:i + 1], rope[1][i:i + 1])
             for layer, cache in zip(self.attn_blocks, caches):
                 h = layer(h, temp=temps, cache=cache, rope=token_rope)
-            a, b = self.proj_out(h[:, 0]).float().chunk(2, dim=-1)
-            a = soft_clip(a, self.clip)
+            a, b = self.clip_ab(*self.proj_out(h[:, 0]).float().chunk(2, dim=-1))
             if guided:
                 (a, a_u), (b, b_u) = a.chunk(2), b.chunk(2)
                 g = (i + 1) / (t - 1) * guidance if annealed_guidance else guidance
@@ -325,8 +350,9 @@ class Model(nn.Module):
 
     Constructor arguments are ml-tarflow's (`nvp` must stay True: only the affine flow is
     ported) plus our `head_dim`, `expansion` and `clip`, and the options ml-tarflow lacks
-    (module docstring): `rope`, `norm`, `qk_norm`, `mlp` and `block_layers` (per-block layer
-    counts in forward order, blocks.0 first; empty: `layers_per_block` for every block).
+    (module docstring): `rope`, `norm`, `qk_norm`, `mlp`, `block_layers` (per-block layer
+    counts in forward order, blocks.0 first; empty: `layers_per_block` for every block) and
+    `clip_shift`.
     """
 
     var: torch.Tensor
@@ -334,7 +360,8 @@ class Model(nn.Module):
     def __init__(self, in_channels: int, img_size: int, patch_size: int, channels: int, num_blocks: int,
                  layers_per_block: int, nvp: bool = True, num_classes: int = 0, head_dim: int = 64,
                  expansion: int = 4, clip: float = 0.0, rope: bool = False, norm: str = "layernorm",
-                 qk_norm: bool = False, mlp: str = "gelu", block_layers: tuple[int, ...] | list[int] = ()):
+                 qk_norm: bool = False, mlp: str = "gelu", block_layers: tuple[int, ...] | list[int] = (),
+                 clip_shift: bool = False):
         super().__init__()
         if not nvp:
             raise ValueError("only the affine flow (nvp=True) is ported")
@@ -355,7 +382,7 @@ class Model(nn.Module):
         self.blocks = nn.ModuleList([
             MetaBlock(self.token_dim, channels, self.num_patches, flip=bool(i % 2), num_layers=layers[i],
                       head_dim=head_dim, expansion=expansion, num_classes=num_classes, clip=clip, rope=rope,
-                      norm=norm, qk_norm=qk_norm, mlp=mlp)
+                      norm=norm, qk_norm=qk_norm, mlp=mlp, clip_shift=clip_shift)
             for i in range(num_blocks)
         ])
         self.register_buffer("var", torch.ones(self.num_patches, self.token_dim))

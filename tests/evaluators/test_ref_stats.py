@@ -31,6 +31,7 @@ def test_reference_batch_is_batch_size_independent(tmp_path):
     ref_stats.compute(_config(96), str(b), split="test", num_images=20, random_inception=True)  # 300 = 3*96 + 12
     ra, rb = fid.read_reference_batch(a), fid.read_reference_batch(b)
     assert meta["num_statistics"] == 300 and meta["inception"] == "random" and meta["inception_size"] == 75
+    assert meta["convention"] == "adm" and meta["resize"] == ref_stats.RESIZE == "adm_center_crop"
     assert ra.mu.shape == (2048,) and ra.sigma.shape == (2048, 2048) and ra.sigma_s.shape == (63, 63)
     np.testing.assert_allclose(ra.mu, rb.mu, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ra.sigma_s, rb.sigma_s, rtol=1e-4, atol=1e-6)

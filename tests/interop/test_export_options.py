@@ -43,10 +43,11 @@ OPTIONS = {
     "qk_norm": {"qk_norm": True},
     "swiglu": {"mlp": "swiglu"},
     "block_layers": {"block_layers": (1, 2)},
+    "starflow": {"mlp": "geglu_starflow", "clip": 0.1, "clip_shift": True},  # STARFlow's gated MLP and clip
     "all": {"rope": True, "norm": "rmsnorm", "qk_norm": True, "mlp": "swiglu", "block_layers": (1, 2)},
 }
 LACKS = {"rope": ["rope"], "rmsnorm": ["rmsnorm"], "qk_norm": ["qk_norm"], "swiglu": ["swiglu"],
-         "block_layers": ["block_layers=[1, 2]"],
+         "block_layers": ["block_layers=[1, 2]"], "starflow": ["geglu_starflow", "clip_shift"],
          "all": ["rope", "rmsnorm", "qk_norm", "swiglu", "block_layers=[1, 2]"]}
 
 
@@ -94,6 +95,10 @@ def test_layout_matches_the_torch_model(name):
     if cfg.get("mlp") == "swiglu":  # 2 * 4 * 32 / 3 = 85.3, rounded up to a multiple of 8
         assert layout["blocks.0.attn_blocks.0.mlp.gate_up.weight"] == (2 * 88, 32)
         assert layout["blocks.0.attn_blocks.0.mlp.down.weight"] == (32, 88)
+    if cfg.get("mlp") == "geglu_starflow":  # ml-starflow's names and hidden C * expansion
+        assert layout["blocks.0.attn_blocks.0.mlp.gate_proj.weight"] == (128, 32)
+        assert layout["blocks.0.attn_blocks.0.mlp.up_proj.weight"] == (128, 32)
+        assert layout["blocks.0.attn_blocks.0.mlp.down_proj.weight"] == (32, 128)
     if cfg.get("norm") == "rmsnorm":
         assert not any(key.endswith("norm.bias") for key in layout)
     layers = [len({k.split(".")[3] for k in layout if k.startswith(f"blocks.{i}.attn_blocks.")}) for i in range(2)]
@@ -165,6 +170,7 @@ def test_option_flow_exports_and_matches_flax(name, tmp_path):
         "rope": cfg.model.get("rope", False), "norm": cfg.model.get("norm", "layernorm"),
         "qk_norm": cfg.model.get("qk_norm", False), "mlp": cfg.model.get("mlp", "gelu"),
         "block_layers": list(cfg.model.get("block_layers", ()))}
+    assert saved["clip_shift"] is cfg.model.get("clip_shift", False) and saved["clip"] == cfg.model.clip
     with safe_open(os.path.join(out_dir, torch_files.FORWARD_WEIGHTS), "np") as f:
         layout = f.metadata()["layout"]
     assert layout == f"biflow_jax.torch.tarflow.Model (options ml-tarflow lacks: {', '.join(LACKS[name])})"
@@ -180,6 +186,12 @@ def test_option_flow_exports_and_matches_flax(name, tmp_path):
         z, trajectory, logdets = torch_model(x_t, torch.from_numpy(y))
         recovered = torch_model.reverse(z, torch.from_numpy(y))  # the KV-cached inverse
     assert float(np.abs(np.asarray(out.z)).max()) > 0.5  # a real transform, not a near-identity
+    if cfg.model.get("clip_shift"):  # the clip bites: without it on the shift, torch's z moves away
+        torch_model.blocks[0].clip_shift = False
+        with torch.no_grad():
+            unclipped = torch_model(x_t, torch.from_numpy(y))[0]
+        torch_model.blocks[0].clip_shift = True
+        assert np.abs(unclipped.numpy() - np.asarray(out.z)).max() > 1e-3
     np.testing.assert_allclose(z.numpy(), np.asarray(out.z), atol=1e-5)
     for got, want in zip(trajectory, out.trajectory[1:]):
         np.testing.assert_allclose(got.numpy(), np.asarray(want), atol=1e-5)

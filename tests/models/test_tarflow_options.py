@@ -1,4 +1,5 @@
-"""The improved-flow options (2D RoPE, RMSNorm, QK-norm, SwiGLU, per-block layer counts): each against
+"""The improved-flow options (2D RoPE, RMSNorm, QK-norm, SwiGLU, per-block layer counts, and STARFlow's
+gated MLP and clip of the shift): each against
 a naive formula, and the whole flow with each of them (and all together) against float64 autodiff
 (log-det), its naive inverse, Jacobi, guidance, denoising, classification and the nn.scan layout.
 
@@ -6,6 +7,8 @@ Tiny flows: 8x8x1 images, patch 2 (a 4x4 grid of 16 tokens of 4 dims), width 32,
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +19,7 @@ from biflow_jax.errors import ConfigError
 from biflow_jax.evaluators import classify
 from biflow_jax.models import registry
 from biflow_jax.models.attention import apply_rope, rope_tables
-from biflow_jax.models.tarflow import SwiGLU, stack_layer_params, swiglu_hidden
+from biflow_jax.models.tarflow import StarflowGatedMLP, SwiGLU, TARFlow, stack_layer_params, swiglu_hidden
 from biflow_jax.samplers import exact_inverse
 
 BASE = dict(name="tarflow", img_size=8, in_channels=1, patch_size=2, channels=32, num_blocks=2,
@@ -27,6 +30,7 @@ OPTIONS = {
     "qk_norm": dict(qk_norm=True),
     "swiglu": dict(mlp="swiglu"),
     "deep_shallow": dict(block_layers=(1, 3)),
+    "starflow": dict(mlp="geglu_starflow", clip=0.05, clip_shift=True),  # STARFlow's MLP and clip
     "all": dict(rope=True, norm="rmsnorm", qk_norm=True, mlp="swiglu", block_layers=(2, 1)),
 }
 
@@ -120,6 +124,42 @@ def test_swiglu_and_rmsnorm_follow_their_formulas():
     expected = (gate / (1 + np.exp(-gate)) * up) @ p["down"]["kernel"] + p["down"]["bias"]
     got = SwiGLU(32, 2, jnp.float32, "rmsnorm").apply({"params": layer}, jnp.asarray(x, jnp.float32))
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_starflow_gated_mlp_follows_its_formula():
+    """STARFlow's gated MLP (ml-starflow `MLP(use_swiglu=True)`): down(gelu_tanh(gate) * up), hidden C * expansion."""
+    _, params = make({"mlp": "geglu_starflow"})
+    layer = params["params"]["blocks_0"]["attn_blocks_0"]["mlp"]
+    assert set(layer) == {"norm", "gate_proj", "up_proj", "down_proj"}
+    assert layer["gate_proj"]["kernel"].shape == (32, 64)
+    x = np.random.default_rng(3).standard_normal((2, 5, 32))
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), layer)
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    h = (x - mu) / np.sqrt(var + 1e-5) * p["norm"]["scale"] + p["norm"]["bias"]
+    gate = h @ p["gate_proj"]["kernel"] + p["gate_proj"]["bias"]
+    up = h @ p["up_proj"]["kernel"] + p["up_proj"]["bias"]
+    gelu_tanh = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate**3)))
+    expected = (gelu_tanh * up) @ p["down_proj"]["kernel"] + p["down_proj"]["bias"]
+    got = StarflowGatedMLP(32, 2).apply({"params": layer}, jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=1e-4)
+    erf_gelu = 0.5 * gate * (1 + np.vectorize(math.erf)(gate / np.sqrt(2)))
+    assert np.abs((erf_gelu * up) @ p["down_proj"]["kernel"] + p["down_proj"]["bias"] - expected).max() > 1e-4
+
+
+def test_clip_shift_clips_the_shift_as_well_as_the_log_scale():
+    """clip_shift: b = c tanh(b_raw / c) (STARFlow clips all of proj_out's output); a is clipped either way."""
+    clip = 0.05
+    model, params = make({"clip": clip, "clip_shift": True})
+    x, _, y = batch()
+    transform = jax.jit(lambda p, tokens, y: model.apply(p, 0, tokens, y, method=TARFlow.block_transform))
+    a, b, hiddens = transform(params, jnp.reshape(x, (3, 16, 4)), y)
+    proj = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), params["params"]["blocks_0"]["proj_out"])
+    raw = np.asarray(hiddens[-1], np.float64) @ proj["kernel"] + proj["bias"]  # proj_out, unclipped
+    raw = np.concatenate([np.zeros_like(raw[:, :1]), raw[:, :-1]], axis=1)  # token t sees x[<t]
+    a_raw, b_raw = raw[..., :4], raw[..., 4:]
+    assert np.abs(b_raw).max() > 2 * clip and np.abs(a_raw).max() > 2 * clip  # the clip bites
+    np.testing.assert_allclose(b, clip * np.tanh(b_raw / clip), atol=1e-6)
+    np.testing.assert_allclose(a, clip * np.tanh(a_raw / clip), atol=1e-6)
 
 
 def test_option_trees():

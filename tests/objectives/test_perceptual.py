@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from biflow_jax import runs
+from biflow_jax.errors import ConfigError
 from biflow_jax.interop.convnext_weights import transformers_shapes
 from biflow_jax.models import registry
 from biflow_jax.models.convnext import ConvNeXtV2, convnext_config
@@ -213,3 +215,28 @@ def test_missing_weights_stop_stage2_at_start_naming_each_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="lpips.vgg16_path is empty.*convnext.path is empty"):
         biflow.validate(paper)
     assert paper.model.clip == 4.0 and digits.get_config().biflow.perceptual.lpips.weight == 0
+
+
+def test_convnext_input_is_imagenet_normalised_or_left_in_minus_one_one():
+    """normalize='imagenet' feeds ((x + 1) / 2 - mean) / std (ImageNet statistics); 'none' feeds the
+    [-1, 1] crops unchanged (pMF's choice); a third value is a config error. The network is a
+    stand-in that returns its input flattened, so the distance shows exactly what it was fed."""
+    identity = SimpleNamespace(apply=lambda variables, x: x.reshape(x.shape[0], -1))
+    generated, real = affine_pair(2, 8, 8)
+    generated = jnp.tanh(generated)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+    def want(prepare):
+        g, r = (prepare(np.asarray(x, np.float64)) for x in (generated, real))
+        return np.sum((g - r).reshape(2, -1) ** 2, axis=-1)
+
+    imagenet = perceptual.convnext_distance(identity)({}, generated, real)
+    none = perceptual.convnext_distance(identity, "none")({}, generated, real)
+    np.testing.assert_allclose(np.asarray(imagenet), want(lambda x: ((x + 1) / 2 - mean) / std), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(none), want(lambda x: x), rtol=1e-5)
+    assert np.abs(np.asarray(imagenet) - np.asarray(none)).min() > 0.1 * np.asarray(none).min()
+    config = digits.get_config("quick")
+    assert config.biflow.perceptual.convnext.normalize == "imagenet"
+    config.biflow.perceptual.convnext.normalize = "pmf"
+    with pytest.raises(ConfigError, match=r"convnext.normalize='pmf' must be one of \('imagenet', 'none'\)"):
+        perceptual.validate(config.biflow.perceptual)
