@@ -19,7 +19,6 @@ from biflow_jax import hlo_flops, host_memory, platforms, sharding, tpu_slices
 from biflow_jax.errors import ConfigError
 from biflow_jax.models.attention import attention
 from biflow_jax.modes import compile as compile_mode
-from biflow_jax.modes import stage_programs
 
 pytest.importorskip("libtpu")
 
