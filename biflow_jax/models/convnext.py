@@ -124,6 +124,7 @@ class ConvNeXtStage(nn.Module):
     depth: int
     downsample: bool
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -131,8 +132,9 @@ class ConvNeXtStage(nn.Module):
             x = _layer_norm(_BLOCK_LN_EPS, self.dtype, "downsample_norm")(x)
             x = nn.Conv(self.width, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype,
                         name="downsample_conv")(x)
+        block = nn.remat(ConvNeXtBlock) if self.remat else ConvNeXtBlock
         for j in range(self.depth):
-            x = ConvNeXtBlock(dtype=self.dtype, name=f"layers_{j}")(x)
+            x = block(dtype=self.dtype, name=f"layers_{j}")(x)
         return x
 
 
@@ -147,6 +149,7 @@ class ConvNeXtV2(nn.Module):
 
     config: ConvNeXtConfig
     dtype: Dtype = jnp.float32
+    remat: bool = False  # recompute each block's 4x-wide internals in the backward pass (same params)
 
     @nn.compact
     def __call__(self, x: jax.Array, return_hidden: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -158,7 +161,8 @@ class ConvNeXtV2(nn.Module):
                     name="patch_embeddings")(x.astype(self.dtype))
         x = _layer_norm(_BLOCK_LN_EPS, self.dtype, "embeddings_layernorm")(x)
         for i, (width, depth) in enumerate(zip(cfg.hidden_sizes, cfg.depths)):
-            x = ConvNeXtStage(width, depth, downsample=i > 0, dtype=self.dtype, name=f"stages_{i}")(x)
+            x = ConvNeXtStage(width, depth, downsample=i > 0, dtype=self.dtype, remat=self.remat,
+                              name=f"stages_{i}")(x)
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         pooled = nn.LayerNorm(epsilon=cfg.layer_norm_eps, use_fast_variance=False, name="layernorm")(pooled)
         return (pooled, x) if return_hidden else pooled

@@ -352,7 +352,7 @@ def build(section: ml_collections.ConfigDict,
             from biflow_jax.interop.convnext_weights import load_convnext
 
             convnext_config, params[name] = load_convnext(cfg.path)
-            distances[name] = convnext_distance(ConvNeXtV2(convnext_config, dtype=dtype),
+            distances[name] = convnext_distance(ConvNeXtV2(convnext_config, dtype=dtype, remat=bool(section.remat)),
                                                 cfg.get("normalize", "imagenet"))
         else:
             from biflow_jax.interop.dino_weights import load_dino
@@ -382,7 +382,7 @@ def build_abstract(section: ml_collections.ConfigDict, weighting: Callable[[Arra
             model, distances[name] = LPIPS(), lpips_distance(dtype)
             params[name] = jax.eval_shape(model.init, jax.random.key(0), crop, crop)["params"]
             continue
-        model = (ConvNeXtV2(convnext_config("base"), dtype=dtype) if name == "convnext"
+        model = (ConvNeXtV2(convnext_config("base"), dtype=dtype, remat=bool(section.remat)) if name == "convnext"
                  else Dinov2(dinov2_config(section[name].size), dtype=dtype))
         distances[name] = (convnext_distance(model, section[name].get("normalize", "imagenet")) if name == "convnext"
                            else dino_distance(model))
