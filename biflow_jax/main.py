@@ -14,6 +14,7 @@ Expected errors (bad config, data, workdir or weights) print one line and exit 2
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -86,6 +87,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--workdir is required")
     if not any(a.startswith(("-v", "--v")) for a in sys.argv[1:]):
         logging.set_verbosity(logging.WARNING)  # Orbax and TFDS are chatty at INFO; -v 0 brings it back
+    if FLAGS.w is not None and not math.isfinite(FLAGS.w):
+        raise ConfigError(f"--w={FLAGS.w} must be a finite number")
     config = resolve_config(FLAGS.workdir, FLAGS.mode)
     if FLAGS.mode == "describe":
         from biflow_jax.modes import describe
