@@ -13,8 +13,10 @@ import sys
 import zlib
 
 import numpy as np
-from conftest import REPO
+from conftest import REPO, quick_config
 from PIL import Image
+
+_RUNS: dict[str, tuple[str, Exception]] = {}
 
 
 def png_declaring(path: str, width: int, height: int) -> str:
@@ -113,3 +115,40 @@ def read_only(path: str):
     finally:
         for p, mode in modes.items():
             os.chmod(p, mode)
+
+
+def folder_config(root: str, steps: int = 4):
+    """A 2-block flow on ROOT's two classes of 8x8 grayscale images: checkpoints every 2 steps, the test
+    bits/dim at the end."""
+    config = quick_config("flow", steps)
+    config.data.update(name="folder", folder=root, num_classes=2, channels=1, image_size=8)
+    config.model.update(num_classes=2, in_channels=1, num_blocks=2, layers_per_block=1, channels=32, head_dim=32)
+    config.train.update(batch_size=8, eval_batch_size=8, checkpoint_every=2, log_every=2, eval_every=steps)
+    config.optim.update(warmup_steps=1)
+    return config
+
+
+def folder_run(tmp_path_factory) -> tuple[str, Exception]:
+    """(workdir, the error that ended it) of one 4-step folder-data run, trained once per test process and
+    shared by the modules that need a stage-1 run: its test split holds a PNG that does not decode, so
+    the run stops at step 4's evaluation. Tests that change it work on copies."""
+    if "run" not in _RUNS:
+        import pytest
+
+        from biflow_jax import evaluators, sharding, trainer
+        from biflow_jax.errors import DataError
+        from biflow_jax.models import registry
+        from biflow_jax.objectives import flow
+
+        root = write_folder(str(tmp_path_factory.mktemp("hostile_data") / "images"))
+        break_png_data(os.path.join(root, "test", "b", "1.png"))
+        config = folder_config(root)
+        model = registry.build_flow(config.model)
+        objective = flow.make(config, model)
+        mesh = sharding.make_mesh()
+        evals = evaluators.for_flow_stage(config, model, objective.flow_params, mesh)
+        workdir = str(tmp_path_factory.mktemp("hostile_run") / "run")
+        with pytest.raises(DataError) as err:
+            trainer.run(objective, evals, config, workdir, "flow", mesh)
+        _RUNS["run"] = (workdir, err.value)
+    return _RUNS["run"]

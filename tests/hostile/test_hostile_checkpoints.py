@@ -10,22 +10,11 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO, quick_config
-from hostile_files import assert_one_line_exit_2, break_png_data, cli, flip_byte, write_folder
+from hostile_files import assert_one_line_exit_2, cli, flip_byte, folder_run
 
-from biflow_jax import checkpoint, evaluators, runs, sharding, trainer
-from biflow_jax.errors import CheckpointError, ConfigError, DataError
-from biflow_jax.models import registry
+from biflow_jax import checkpoint, runs
+from biflow_jax.errors import CheckpointError, ConfigError
 from biflow_jax.modes import train as train_mode
-from biflow_jax.objectives import flow
-
-
-def folder_config(root, steps=4):
-    config = quick_config("flow", steps)
-    config.data.update(name="folder", folder=root, num_classes=2, channels=1, image_size=8)
-    config.model.update(num_classes=2, in_channels=1, num_blocks=2, layers_per_block=1, channels=32, head_dim=32)
-    config.train.update(batch_size=8, eval_batch_size=8, checkpoint_every=2, log_every=2, eval_every=4)
-    config.optim.update(warmup_steps=1)
-    return config
 
 
 def steps_of(workdir):
@@ -35,17 +24,7 @@ def steps_of(workdir):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(workdir, the error that ended it): training stops at step 4's evaluation (after its save)."""
-    root = write_folder(str(tmp_path_factory.mktemp("hostile_data") / "images"))
-    break_png_data(os.path.join(root, "test", "b", "1.png"))
-    config = folder_config(root)
-    model = registry.build_flow(config.model)
-    objective = flow.make(config, model)
-    mesh = sharding.make_mesh()
-    evals = evaluators.for_flow_stage(config, model, objective.flow_params, mesh)
-    workdir = str(tmp_path_factory.mktemp("hostile_run") / "run")
-    with pytest.raises(DataError) as err:
-        trainer.run(objective, evals, config, workdir, "flow", mesh)
-    return workdir, err.value
+    return folder_run(tmp_path_factory)
 
 
 def test_a_damaged_test_image_stops_the_run_after_the_save_of_that_step(run):

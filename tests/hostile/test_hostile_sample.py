@@ -1,4 +1,4 @@
-"""Hostile sampling requests on a tiny two-stage job dir (random weights): nothing is lost after the work,
+"""Hostile sampling requests on a tiny stage-1 run: nothing is lost after the work,
 nothing garbage is written with exit 0, a read-only workdir is one line, and a run outside the workdir's
 tree is only read."""
 
@@ -7,32 +7,24 @@ import math
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
-from hostile_files import assert_one_line_exit_2, cli, digests, read_only
-from tiny_job import perturbed, tiny_config
+from hostile_files import assert_one_line_exit_2, cli, digests, folder_run, read_only
 
 from biflow_jax import runs
 from biflow_jax.errors import ConfigError, UnwritableError
-from biflow_jax.models import registry
 from biflow_jax.modes import sample
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    """A stage-1 run at step 0 holding the tiny flow with perturbed (random) weights."""
-    workdir = str(tmp_path_factory.mktemp("hostile_sample") / "flow")
-    config = tiny_config()
-    model = registry.build_flow(config.model)
-    inputs = registry.flow_example_inputs(config.model)
-    runs.save_flow(workdir, config, jax.jit(lambda key: perturbed(model.init(key, *inputs)))(jax.random.key(1)))
-    return workdir
+    """A stage-1 run of a tiny flow (the hostile suite's shared 4-step folder-data run)."""
+    return folder_run(tmp_path_factory)[0]
 
 
 def test_two_hundred_labels_are_sampled_into_a_short_hashed_folder(job):
     """Case: --labels= with 200 labels sampled everything, then died on 'File name too long'."""
-    labels = [i % 10 for i in range(200)]
+    labels = [i % 2 for i in range(200)]
     out = sample.run_sample(job, sampler="exact", num_images=4, labels=labels)
     name = os.path.basename(out["out_dir"])
     assert len(name.encode()) <= 255 and name.startswith("exact_w0_seed0_n4_labels200x"), name
