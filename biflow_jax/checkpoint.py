@@ -6,11 +6,13 @@ is the business of the objective that trained it (biflow_jax.runs reads workdirs
 Layout of a workdir: config.json (the run's config) and checkpoints/<step>/ with the
 items `params`, `ema_params`, `opt_state` and `meta` (step, data position). Orbax writes
 each step to a temporary directory and renames it when complete, so a run killed while
-saving leaves the previous checkpoint intact.
+saving leaves the previous checkpoint intact. Each finished step also holds checksums.json
+(sha256 of its files), checked before a restore: a step whose bytes changed reads as damaged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging as std_logging
 import os
@@ -25,10 +27,22 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from biflow_jax.errors import CheckpointError
+from biflow_jax.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "config.json"
 ITEMS = ("params", "ema_params", "opt_state", "meta")
+CHECKSUM_FILE = "checksums.json"  # in each step directory: sha256 of every file of its items
+GLOB_CHARACTERS = "[]*?"  # Orbax finds a step's files by glob: a workdir path with these reads as damaged
+
+
+def check_path(workdir: str) -> None:
+    """ConfigError for a workdir whose absolute path holds glob characters, before anything is written:
+    Orbax would write every checkpoint there and then fail to find them on restore."""
+    path = os.path.abspath(workdir)
+    found = sorted({c for c in path if c in GLOB_CHARACTERS})
+    if found:
+        raise ConfigError(f"workdir {path!r} contains {' '.join(found)}: checkpoints there could not be read back "
+                          f"(Orbax treats {GLOB_CHARACTERS} in paths as patterns); use a path without them")
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -65,6 +79,7 @@ def section_differences(saved: Any, current: Any, prefix: str) -> list[str]:
 
 def manager(workdir: str, keep: int | None = 2, async_save: bool = True) -> ocp.CheckpointManager:
     """keep=None: Orbax deletes nothing (the training loop prunes once a newer step is verified)."""
+    check_path(workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
@@ -88,14 +103,68 @@ def save_and_wait(mngr: ocp.CheckpointManager, step: int, params: Any, ema_param
     try:
         save(mngr, step, params, ema_params, opt_state, data_position)
         mngr.wait_until_finished()
+        write_checksums(mngr, step)
     except Exception as err:  # noqa: BLE001  Orbax re-raises the writer thread's error, whatever it was
         good = "no earlier checkpoint" if last_good is None else f"the last good checkpoint is step {last_good}"
         raise CheckpointError(f"saving checkpoint step {step} in {mngr.directory} failed ({reason(err)}); "
                               f"stopping ({good})") from None
 
 
+def step_files(mngr: ocp.CheckpointManager, step: int, items: tuple[str, ...] = ITEMS) -> dict[str, str]:
+    """{path relative to the step directory: absolute path} of every file of `items` in a saved step."""
+    root = os.path.join(str(mngr.directory), str(step))
+    files = {}
+    for item in items:
+        for folder, _, names in os.walk(os.path.join(root, item)):
+            for name in names:
+                path = os.path.join(folder, name)
+                files[os.path.relpath(path, root)] = path
+    return files
+
+
+def digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_checksums(mngr: ocp.CheckpointManager, step: int) -> None:
+    """STEP/checksums.json for a finished save: Orbax and TensorStore check no data bytes on restore, so a
+    flipped bit would load as a changed weight. Process 0 writes it, once every process's files are in."""
+    if jax.process_index() != 0:
+        return
+    sums = {rel: digest(path) for rel, path in sorted(step_files(mngr, step).items())}
+    target = os.path.join(str(mngr.directory), str(step), CHECKSUM_FILE)
+    with open(target + ".tmp", "w") as f:
+        json.dump(sums, f, indent=0)
+    os.replace(target + ".tmp", target)
+
+
+def verify_checksums(mngr: ocp.CheckpointManager, step: int, items: tuple[str, ...] = ITEMS) -> None:
+    """CheckpointError naming the first file of `items` whose bytes differ from (or lack) what the save
+    recorded; a step saved before checksums existed (no file) passes."""
+    target = os.path.join(str(mngr.directory), str(step), CHECKSUM_FILE)
+    if not os.path.exists(target):
+        return
+    try:
+        with open(target) as f:
+            sums = json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{target} cannot be read ({reason(err)})") from None
+    if not isinstance(sums, dict):
+        raise CheckpointError(f"{target} is not a checksum table")
+    files = step_files(mngr, step, items)
+    expected = {rel for rel in sums if rel.split(os.sep)[0] in items}
+    for rel in sorted(expected - set(files)):
+        raise CheckpointError(f"{os.path.join(os.path.dirname(target), rel)} is missing")
+    for rel in sorted(expected):
+        if digest(files[rel]) != sums[rel]:
+            raise CheckpointError(f"{files[rel]} differs from the checksum recorded when it was saved")
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, params: Any, ema_params: Any, opt_state: Any):
-    """Restore into the structure, shapes and shardings of the given (abstract) trees."""
+    """Restore into the structure, shapes and shardings of the given (abstract) trees, after checking
+    the step's bytes against its checksums."""
+    verify_checksums(mngr, step)
     abstract = lambda tree: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
     out = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract(params)),
@@ -197,6 +266,7 @@ def prune(mngr: ocp.CheckpointManager, keep: int | None, unverified: int | None 
 def restore_item(mngr: ocp.CheckpointManager, step: int, item: str) -> Any:
     """One saved tree, without a target: in its saved shardings where this run has those devices,
     else replicated over this run's devices (a run saved on another device count or processes)."""
+    verify_checksums(mngr, step, (item,))
     everywhere = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices(), ("data",)), jax.sharding.PartitionSpec())
     args = ocp.args.Composite(**{item: ocp.args.StandardRestore(fallback_sharding=everywhere)})
     return mngr.restore(step, args=args)[item]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -23,8 +24,11 @@ def validate_loop(train: Any, optim: Any, prefix: str) -> None:
     for key in LOOP_KEYS:
         require(train[key] > 0, f"{prefix}.{key}={train[key]} must be positive")
     require(0.0 <= train.ema_decay < 1.0, f"{prefix}.ema_decay={train.ema_decay} must be in [0, 1)")
+    require(train.batch_size > 0, f"{prefix}.batch_size={train.batch_size} must be positive")
     require(optim.lr > 0, f"{optim_prefix}.lr={optim.lr} must be positive")
-    require(0 <= optim.warmup_steps < max(train.steps, 1) or train.steps == 1,
+    require(math.isfinite(optim.lr), f"{optim_prefix}.lr={optim.lr} must be a finite number")
+    require(optim.warmup_steps >= 0, f"{optim_prefix}.warmup_steps={optim.warmup_steps} must be zero or positive")
+    require(optim.warmup_steps < max(train.steps, 1) or train.steps == 1,
             f"{optim_prefix}.warmup_steps={optim.warmup_steps} must be smaller than {prefix}.steps={train.steps}")
 
 

@@ -16,6 +16,7 @@ import ast
 import difflib
 import functools
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -35,11 +36,7 @@ def load(spec: str) -> ml_collections.ConfigDict:
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path!r} (expected e.g. configs/digits.py[:quick])")
-    directory = os.path.dirname(os.path.abspath(path))
-    root = os.path.dirname(directory)
-    for entry in (root, directory):  # `from configs import common` works from any working directory
-        if entry not in sys.path:
-            sys.path.insert(0, entry)
+    configs_package(os.path.dirname(os.path.abspath(path)))  # `from configs import common`, from anywhere
     module_spec = importlib.util.spec_from_file_location(f"_biflow_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -75,6 +72,27 @@ def section(config: Any, name: str, key: str | None = None) -> dict[str, Any]:
     given = (config.get(key or name, None) if config is not None else None) or {}
     given = given.to_dict() if isinstance(given, ml_collections.ConfigDict) else dict(given)
     return {**defaults(name), **given}
+
+
+REPOSITORY_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def configs_package(config_dir: str) -> None:
+    """Make `configs` the repository's configs/ package (else, installed without it, the config file's own
+    configs/ folder) without putting any folder on sys.path: a file beside a downloaded config (say
+    orbax.py) is never imported in place of a library."""
+    if "configs" in sys.modules:
+        return
+    folder = REPOSITORY_CONFIGS
+    if not os.path.isfile(os.path.join(folder, "__init__.py")) and os.path.basename(config_dir) == "configs":
+        folder = config_dir
+    init = os.path.join(folder, "__init__.py")
+    if not os.path.isfile(init):
+        return  # a stand-alone config file: it imports only itself
+    spec = importlib.util.spec_from_file_location("configs", init, submodule_search_locations=[folder])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["configs"] = package
+    spec.loader.exec_module(package)
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -136,7 +154,9 @@ def parse_value(text: str, current: Any, declared: type | None, key: str) -> Any
             raise ConfigError(f"config key {key!r} takes {article} {kind.__name__}, got {text!r}") from None
         return text
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value) if abs(value) < 2 ** 1024 else math.inf  # a huge integer overflows like 1e999
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key {key!r} takes a finite number, got {text!r} (it reads as {value})")
     if kind in (list, tuple) and isinstance(value, (list, tuple)):
         return kind(value)
     if kind is not None and not isinstance(value, kind):

@@ -25,8 +25,12 @@ class WorkdirBusyError(RuntimeError):
     """Another live run owns the workdir (its lock file names the host and pid)."""
 
 
-EXPECTED_ERRORS = (ConfigError, DataError, TrainingError, CheckpointError, WorkdirBusyError, FileNotFoundError,
-                   FileExistsError, ValueError, KeyError)
+class UnwritableError(RuntimeError):
+    """A workdir or output folder that cannot be written (read-only file system, permissions, too long a name)."""
+
+
+EXPECTED_ERRORS = (ConfigError, DataError, TrainingError, CheckpointError, WorkdirBusyError, UnwritableError,
+                   FileNotFoundError, FileExistsError, ValueError, KeyError)
 
 
 def require(condition: bool, message: str) -> None:

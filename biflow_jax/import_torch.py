@@ -20,6 +20,7 @@ import numpy as np
 
 from biflow_jax import config_files, runs
 from biflow_jax.errors import EXPECTED_ERRORS
+from biflow_jax.interop.state_dicts import check_finite, torch_load_reason
 from biflow_jax.interop.tarflow_layout import ml_tarflow_lacks, state_dict_to_flow_params
 from biflow_jax.interop.torch_files import to_numpy, unwrap_state_dict
 from biflow_jax.models import registry
@@ -43,19 +44,9 @@ def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  torch raises several kinds for damaged or non-tensor files
         raise ValueError(f"could not load {path} as a tensors-only checkpoint: {torch_load_reason(err)}") from None
-    return {name: to_numpy(value) for name, value in unwrap_state_dict(checkpoint).items()}
-
-
-
-def torch_load_reason(err: Exception) -> str:
-    """torch.load's reason in one line, without its advice to retry with weights_only=False (which would
-    run code from the file, and which this importer never does)."""
-    text = str(err)
-    if "WeightsUnpickler error:" in text:  # the part after torch's boilerplate names what was refused
-        detail = " ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
-        return f"it holds more than tensors ({detail or 'unsupported pickle content'})"
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
-    return first.split(". This is an internal")[0][:200]
+    state = {name: to_numpy(value) for name, value in unwrap_state_dict(checkpoint).items()}
+    check_finite(state, path)
+    return state
 
 
 def _check_against_model(params: Mapping[str, Any], model_cfg: Any) -> None:
@@ -85,6 +76,7 @@ def import_state_dict(state_dict: Mapping[str, Any], config: Any, workdir: str) 
     not empty) before anything is written.
     """
     state = {name: to_numpy(value) for name, value in unwrap_state_dict(state_dict).items()}
+    check_finite(state, "the checkpoint")
     try:
         params = state_dict_to_flow_params(state, config.model)
     except ValueError as err:

@@ -16,6 +16,7 @@ Expected errors (bad config, data, workdir or weights) print one line and exit 2
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -92,6 +93,12 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--workdir is required")
     if not any(a.startswith(("-v", "--v")) for a in sys.argv[1:]):
         logging.set_verbosity(logging.WARNING)  # Orbax and TFDS are chatty at INFO; -v 0 brings it back
+    if FLAGS.w is not None and not math.isfinite(FLAGS.w):
+        raise ConfigError(f"--w={FLAGS.w} must be a finite number")
+    if FLAGS.workdir and FLAGS.mode != "describe":
+        from biflow_jax import checkpoint
+
+        checkpoint.check_path(FLAGS.workdir)  # before any mode's work: Orbax could not read checkpoints there
     config = resolve_config(FLAGS.workdir, FLAGS.mode)
     if FLAGS.mode == "describe":
         from biflow_jax.modes import describe

@@ -214,4 +214,5 @@ def save_flow(workdir: str, config: ml_collections.ConfigDict, params: Any) -> N
         mngr = checkpoint.manager(workdir, async_save=False)
         checkpoint.save(mngr, 0, params, params, opt_state, 0)
         mngr.wait_until_finished()
+        checkpoint.write_checksums(mngr, 0)
         mngr.close()

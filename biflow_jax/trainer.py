@@ -141,6 +141,7 @@ def run(objective: Objective, evaluators: Sequence[Any], config: ml_collections.
     """`train_locked` as the one writer of `workdir` (WorkdirBusyError while another live run owns it)."""
     on_damaged = loop_sections(config, stage)[0].get("on_damaged_checkpoint", "fallback")
     require(on_damaged in ("fallback", "stop"), f"on_damaged_checkpoint={on_damaged!r} must be 'fallback' or 'stop'")
+    checkpoint.check_path(workdir)
     with workdir_lock.hold(workdir):
         return train_locked(objective, evaluators, config, workdir, stage, mesh, flow_workdir)
 
@@ -220,8 +221,8 @@ def train_locked(objective: Objective, evaluators: Sequence[Any], config: ml_col
             writer.write_scalars(step, {**{f"train/{k}": v for k, v in metrics.items()}, "train/learning_rate": lr})
             say(f"step {step}/{train.steps}: loss {metrics['loss']:.4f} grad_norm {metrics['grad_norm']:.3f} "
                 f"lr {lr:.2e} | {pace(step)}")
-        results = evaluate(step, final=step == train.steps) or results
-        if step % train.checkpoint_every == 0 or step == train.steps:
+        if step % train.checkpoint_every == 0 or step == train.steps:  # saved before evaluating: a failing
+            # evaluator (e.g. a test image that does not decode) loses no training
             check_finite(state, step, verified)
             saved = train_step.from_backend(state)  # global arrays, whatever the backend
             if not all_finite((saved.params, saved.ema_params)):
@@ -231,6 +232,7 @@ def train_locked(objective: Objective, evaluators: Sequence[Any], config: ml_col
                                      last_good=verified)
             unverified = step
             checkpoint.prune(mngr, train.keep_checkpoints, unverified=step)
+        results = evaluate(step, final=step == train.steps) or results
     mngr.wait_until_finished()
     if not results:  # the run was already complete: report its final state
         results = evaluate(train.steps, final=True)

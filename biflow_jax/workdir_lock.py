@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import jax
 from absl import logging
 
-from biflow_jax.errors import WorkdirBusyError
+from biflow_jax.errors import UnwritableError, WorkdirBusyError
 
 LOCK_FILE = "writer.lock"
 HEARTBEAT_S = 60.0
@@ -107,6 +107,26 @@ def _take(workdir: str, command: str) -> int:
     return fd
 
 
+def check_writable(path: str, what: str) -> None:
+    """UnwritableError unless `path` can be created or written: every name fits the file system and the
+    nearest existing folder is a writable directory (os.access also says EROFS for root). Checked before
+    work whose results would go there."""
+    path = os.path.abspath(path)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UnwritableError(f"{what} {path!r} cannot be created: {existing!r} is a file, not a folder")
+    limit = os.pathconf(existing, "PC_NAME_MAX")
+    long = next((part for part in path.split(os.sep) if len(os.fsencode(part)) > limit), None)
+    if long is not None:
+        raise UnwritableError(f"{what} {path!r} has a name longer than the file system's {limit} bytes: "
+                              f"{long[:40]!r}...")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "a read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "no write permission"
+        raise UnwritableError(f"{what} {path!r} cannot be written: {existing!r} is on {why}")
+
+
 def _heartbeat(path: str, stop: threading.Event) -> None:
     while not stop.wait(HEARTBEAT_S):
         with contextlib.suppress(OSError):
@@ -126,8 +146,13 @@ def hold(workdir: str, command: str = "") -> Iterator[None]:
         return
     fd, created = None, not os.path.exists(workdir)
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        fd = _take(workdir, command or " ".join(sys.argv)[:300])
+        check_writable(workdir, "workdir")
+        try:
+            os.makedirs(workdir, exist_ok=True)
+            fd = _take(workdir, command or " ".join(sys.argv)[:300])
+        except OSError as err:  # e.g. a full disk or a permission the check above could not see
+            raise UnwritableError(f"workdir {workdir!r} cannot be written ({err.strerror or err}: "
+                                  f"{err.filename or workdir})") from None
     stop = threading.Event()
     if fd is not None:
         threading.Thread(target=_heartbeat, args=(os.path.join(workdir, LOCK_FILE), stop), daemon=True).start()

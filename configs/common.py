@@ -26,7 +26,8 @@ from ml_collections.config_dict import placeholder
 def data(**overrides) -> ml_collections.ConfigDict:
     fields = dict(name="digits", data_dir="", folder="", train_split="train", test_split="test", image_size=8,
                   channels=1, num_classes=10, random_flip=False, shuffle_buffer=50_000, label_key="label",
-                  skip_unreadable=False)  # folder data: leave out files that do not decode (all decoded at start)
+                  skip_unreadable=False,  # folder data: leave out files that do not decode (all decoded at start)
+                  max_pixels=int(1.5 * 4096**2))  # folder data: larger images (by their header) are refused
     fields.update(overrides)
     return ml_collections.ConfigDict(fields)
 

@@ -7,8 +7,9 @@ the same number of examples and the order does not depend on the file system. Im
 are decoded where the pipeline needs them (after shuffling file names, so the shuffle
 buffer holds names, not pixels), as RGB and then converted to `data.channels`.
 
-Unreadable files: a cheap check at start (the format's signature and, for JPEG and PNG,
-its end marker) names them before anything is written; a file that passes it but does not
+Unreadable files: a cheap check at start (the format's signature, its end marker, and the
+pixel count its header declares against `data.max_pixels`, so a small file cannot claim a
+huge image) names them before anything is written; a file that passes it but does not
 decode is named when it is reached. With `data.skip_unreadable`, every file is decoded
 once at start and the unreadable ones are left out (with a count), before the order is
 fixed, so a resumed run still sees the batches an uninterrupted run would.
@@ -31,6 +32,9 @@ from biflow_jax.errors import DataError
 SUFFIXES = (".jpg", ".jpeg", ".png")
 SIGNATURES = {".jpg": b"\xff\xd8\xff", ".jpeg": b"\xff\xd8\xff", ".png": b"\x89PNG\r\n\x1a\n"}
 END_MARKERS = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND\xaeB`\x82"}
+DEFAULT_MAX_PIXELS = int(1.5 * 4096**2)  # data.max_pixels when a config lacks it
+# JPEG start-of-frame markers (they hold the size); C4, C8 and CC share the range but are other segments.
+JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +57,45 @@ def _images(class_dir: str) -> list[str]:
                   if not f.startswith(".") and f.lower().endswith(SUFFIXES))
 
 
-def header_problem(path: str) -> str | None:
+def jpeg_size(f: Any) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame segment, walking the segments from the start of
+    the open file `f` without decoding; None when no frame header is found."""
+    f.seek(2)  # after SOI
+    for _ in range(1000):
+        byte = f.read(1)
+        while byte == b"\xff":  # fill bytes before a marker
+            byte = f.read(1)
+        if not byte:
+            return None
+        marker = byte[0]
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            continue
+        length = f.read(2)
+        if len(length) < 2:
+            return None
+        if marker in JPEG_FRAMES:
+            frame = f.read(5)  # precision, height, width
+            return (int.from_bytes(frame[3:5], "big"), int.from_bytes(frame[1:3], "big")) if len(frame) == 5 else None
+        f.seek(int.from_bytes(length, "big") - 2, os.SEEK_CUR)
+        if f.read(1) != b"\xff":
+            return None
+        f.seek(-1, os.SEEK_CUR)
+    return None
+
+
+def declared_size(f: Any, suffix: str) -> tuple[int, int] | None:
+    """(width, height) an image file's header declares (PNG: the IHDR chunk; JPEG: the frame header)."""
+    if suffix == ".png":
+        f.seek(16)
+        ihdr = f.read(8)
+        return (int.from_bytes(ihdr[:4], "big"), int.from_bytes(ihdr[4:], "big")) if len(ihdr) == 8 else None
+    return jpeg_size(f)
+
+
+def header_problem(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, key: str = "data.max_pixels") -> str | None:
     """Why `path` cannot be an image of its suffix's format (None when it may be): empty, wrong
-    signature, or no end marker (a truncated file). Reads a few bytes at each end only."""
+    signature, no end marker (a truncated file), or more pixels declared than `max_pixels` (decoding
+    would take their memory whatever the file size). Reads its header and last bytes only."""
     suffix = os.path.splitext(path)[1].lower()
     try:
         size = os.path.getsize(path)
@@ -63,6 +103,7 @@ def header_problem(path: str) -> str | None:
             head = f.read(16)
             f.seek(max(0, size - 16))
             tail = f.read(16)
+            dims = declared_size(f, suffix) if size and head.startswith(SIGNATURES[suffix]) else None
     except OSError as e:
         return f"cannot be read: {e.strerror or e}"
     if size == 0:
@@ -72,20 +113,26 @@ def header_problem(path: str) -> str | None:
     # JPEG writers may pad after the end marker; PNG ends with the IEND chunk.
     if END_MARKERS[suffix] not in (tail if suffix == ".png" else tail.rstrip(b"\x00")):
         return "is truncated (no end marker)"
+    if dims is not None and dims[0] * dims[1] > max_pixels:
+        return pixels_problem(dims, max_pixels, key)
     return None
+
+
+def pixels_problem(dims: tuple[int, int], max_pixels: int, key: str = "data.max_pixels") -> str:
+    return (f"declares {dims[0]}x{dims[1]} pixels, more than {key}={max_pixels} (decoding it would take that "
+            f"much memory; raise {key} if it is a real image)")
 
 
 def decode(path: tf.Tensor, channels: int) -> tuple[tf.Tensor, tf.Tensor]:
     """(uint8 image with `channels`, readable): a file that does not decode gives a 1x1 black image and
-    False instead of stopping tf.data with an error that does not name it."""
+    False instead of stopping tf.data with an error that does not name it (a real 1x1 image is True)."""
     def load(p):
         image = tf.io.decode_image(tf.io.read_file(p), channels=3, expand_animations=False)
-        return tf.image.rgb_to_grayscale(image) if channels == 1 else image
+        return tf.image.rgb_to_grayscale(image) if channels == 1 else image, tf.constant(True)
 
     good = tf.data.Dataset.from_tensors(path).map(load).ignore_errors()
-    marker = tf.data.Dataset.from_tensors(tf.zeros([1, 1, channels], tf.uint8))
-    image = good.concatenate(marker).take(1).get_single_element()
-    readable = tf.logical_not(tf.logical_and(tf.shape(image)[0] == 1, tf.shape(image)[1] == 1))
+    marker = tf.data.Dataset.from_tensors((tf.zeros([1, 1, channels], tf.uint8), tf.constant(False)))
+    image, readable = good.concatenate(marker).take(1).get_single_element()
     return tf.ensure_shape(image, [None, None, channels]), readable
 
 
@@ -97,7 +144,8 @@ def _undecodable(paths: list[str]) -> set[str]:
 
 
 @functools.lru_cache(maxsize=16)
-def scan(folder: str, split: str, classes: tuple[str, ...], skip_unreadable: bool) -> FolderSplit:
+def scan(folder: str, split: str, classes: tuple[str, ...], skip_unreadable: bool,
+         max_pixels: int = DEFAULT_MAX_PIXELS) -> FolderSplit:
     """One split, checked: every class folder known and non-empty, every file readable (or skipped)."""
     split_dir = os.path.join(folder, split)
     if not os.path.isdir(split_dir):
@@ -116,7 +164,7 @@ def scan(folder: str, split: str, classes: tuple[str, ...], skip_unreadable: boo
                             f"{'/'.join(SUFFIXES)} images")
         paths += files
         labels += [label] * len(files)
-    problems = {p: why for p in paths if (why := header_problem(p))}
+    problems = {p: why for p in paths if (why := header_problem(p, max_pixels))}
     if problems and not skip_unreadable:
         path, why = next(iter(problems.items()))
         raise DataError(f"{len(problems)} unreadable image file(s) in data.folder={folder!r} split {split!r}: "
@@ -156,7 +204,15 @@ def classes_of(data_cfg: Any) -> tuple[str, ...]:
 
 def split_of(data_cfg: Any, split: str) -> FolderSplit:
     return scan(os.path.abspath(data_cfg.folder), split, classes_of(data_cfg),
-                bool(data_cfg.get("skip_unreadable", False)))
+                bool(data_cfg.get("skip_unreadable", False)), max_pixels_of(data_cfg))
+
+
+def max_pixels_of(data_cfg: Any) -> int:
+    """data.max_pixels (the largest width x height an image may declare), checked."""
+    value = data_cfg.get("max_pixels", None) or DEFAULT_MAX_PIXELS
+    if not isinstance(value, int) or value <= 0:
+        raise DataError(f"data.max_pixels={value!r} must be a positive number of pixels")
+    return value
 
 
 def dataset_info(data_cfg: Any) -> dict[str, Any]:

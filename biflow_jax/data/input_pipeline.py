@@ -141,7 +141,7 @@ def train_batches(data: Any, batch_size: int, seed: int, position: int = 0) -> I
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return checked_batches(ds.as_numpy_iterator(), data)
+    return checked_batches(naming_damaged_files(ds.as_numpy_iterator(), data, data.train_split), data)
 
 
 def eval_batches(data: Any, batch_size: int, split: str | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -161,7 +161,7 @@ def eval_batches(data: Any, batch_size: int, split: str | None = None) -> Iterat
         ds = ds.map(lambda img, lab: {"image": _resize(img, data.image_size, data.channels), "label": lab,
                                       "mask": tf.constant(True)})
     ds = ds.padded_batch(local_batch).prefetch(tf.data.AUTOTUNE)  # variable last batch, padded below
-    for batch in checked_batches(ds.as_numpy_iterator(), data):
+    for batch in checked_batches(naming_damaged_files(ds.as_numpy_iterator(), data, split or data.test_split), data):
         n = len(batch["label"])
         if n < local_batch:
             pad = local_batch - n
@@ -177,6 +177,21 @@ def split_arrays(data: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
         images.append(batch["image"][keep])
         labels.append(batch["label"][keep])
     return np.concatenate(images), np.concatenate(labels)
+
+
+def naming_damaged_files(batches: Iterator[Any], data: Any, split: str) -> Iterator[Any]:
+    """`batches`, with tf.data's DataLossError (a record failing its checksum, which names no file) turned
+    into a DataError naming the damaged shard (latents) or the dataset."""
+    try:
+        yield from batches
+    except tf.errors.DataLossError as err:
+        from biflow_jax.data import latents
+
+        if data.name == "latents":
+            where = latents.damaged_shard(data.folder, split)
+        else:
+            where = f"a file of dataset {data.name!r} split {split!r} ({latents.tf_error_text(err)})"
+        raise DataError(f"damaged data: {where}; re-create or re-download it") from None
 
 
 def checked_batches(batches: Iterator[dict[str, np.ndarray]], data: Any) -> Iterator[dict[str, np.ndarray]]:

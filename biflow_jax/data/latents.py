@@ -20,14 +20,18 @@ order (`source`), so training order and resumption work exactly as for images.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
+import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
+from biflow_jax.data import image_folder
 from biflow_jax.data.adm_resize import center_crop_adm
 from biflow_jax.errors import DataError
 
@@ -40,7 +44,10 @@ STORE_DTYPES = ("float16", "float32")
 # ---------------------------------------------------------------------------
 # Images in.
 
-def _folder_files(folder: str, split: str) -> list[tuple[str, int]]:
+@functools.lru_cache(maxsize=8)
+def _folder_files(folder: str, split: str, max_pixels: int) -> tuple[tuple[str, int], ...]:
+    """Every file of FOLDER/<split>/<class>/, checked at start (before latents.json or a shard is written):
+    each must be an image PIL can open whose header declares at most `max_pixels` pixels."""
     root = os.path.join(folder, split)
     if not os.path.isdir(root):
         raise DataError(f"image folder {folder!r} has no split directory {split!r} "
@@ -50,7 +57,39 @@ def _folder_files(folder: str, split: str) -> list[tuple[str, int]]:
              for f in sorted(os.listdir(os.path.join(root, c))) if not f.startswith(".")]
     if not files:
         raise DataError(f"image folder {root!r} holds no images")
-    return files
+    for path, _ in files:
+        why = image_problem(path, max_pixels)
+        if why:
+            raise DataError(f"image {path!r} in latent.source.folder {why}; remove it")
+    return tuple(files)
+
+
+def image_problem(path: str, max_pixels: int) -> str | None:
+    """Why PIL cannot decode `path` within `max_pixels` (its header only is read), or None."""
+    from PIL import Image
+
+    key = "latent.source.max_pixels"
+    if os.path.splitext(path)[1].lower() in image_folder.SIGNATURES:
+        why = image_folder.header_problem(path, max_pixels, key)  # also finds truncated JPEG/PNG files
+        if why:
+            return why
+    try:
+        with Image.open(path) as im:
+            dims = im.size
+    except Image.DecompressionBombError:  # PIL's own, far higher cap: the size is in the message only
+        return f"declares more pixels than PIL opens at all (far more than {key}={max_pixels})"
+    except OSError as e:  # UnidentifiedImageError for text and other non-images
+        return f"is not an image PIL can read ({e})"
+    if dims[0] * dims[1] > max_pixels:
+        return image_folder.pixels_problem(dims, max_pixels, key)
+    return None
+
+
+def tf_error_text(err: Exception) -> str:
+    """A TensorFlow op error's own words, without the function-node and op names it wraps them in."""
+    text = " ".join(getattr(err, "message", str(err)).split())
+    text = re.sub(r"\{\{.*?\}\}\s*", "", text)
+    return re.sub(r"\s*\[Op:.*$", "", text) or type(err).__name__
 
 
 def _tfds_builder(source: Any) -> Any:
@@ -75,7 +114,7 @@ class ImageSource:
     def __init__(self, source: Any, split: str):
         self.source, self.split, self.size = source, split, int(source.image_size)
         if source.name == "folder":
-            self.files = _folder_files(source.folder, split)
+            self.files = _folder_files(os.path.abspath(source.folder), split, image_folder.max_pixels_of(source))
             self.count = len(self.files)
         elif source.name == "digits":
             from biflow_jax.data.digits import digits_arrays
@@ -99,9 +138,10 @@ class ImageSource:
             for path, label in self.files[start:end]:
                 try:
                     with Image.open(path) as im:
-                        yield center_crop_adm(im, self.size), label
-                except OSError as e:
+                        crop = center_crop_adm(im, self.size)
+                except (OSError, Image.DecompressionBombError) as e:  # changed since the check at start
                     raise DataError(f"cannot read image {path!r}: {e}") from None
+                yield crop, label
         elif self.source.name == "digits":
             images, labels = self.arrays
             for image, label in zip(images[start:end], labels[start:end]):
@@ -149,7 +189,7 @@ def _write_shard(path: str, mean: np.ndarray, std: np.ndarray, labels: np.ndarra
     """All records of one shard, to a temporary file renamed into place (a shard is there whole or not at all)."""
     import tensorflow as tf
 
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = _temporary_name(path)
     with tf.io.TFRecordWriter(tmp) as writer:
         for m, s, y in zip(mean, std, labels):
             feature = {"mean": tf.train.Feature(bytes_list=tf.train.BytesList(value=[m.tobytes()])),
@@ -161,7 +201,7 @@ def _write_shard(path: str, mean: np.ndarray, std: np.ndarray, labels: np.ndarra
 
 
 def _write_json(path: str, content: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = _temporary_name(path)
     with open(tmp, "w") as f:
         json.dump(content, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
@@ -189,11 +229,22 @@ def _encode_range(encoder: Any, params: Any, examples: Iterator[tuple[np.ndarray
     return np.concatenate(means), np.concatenate(stds), np.asarray(labels, np.int64)
 
 
+TEMPORARY_TAG = ".biflow-partial-"
+OWN_FILE = re.compile(r"(?:[\w.]+-\d{5}-of-\d{5}\.tfrecord|" + re.escape(META_FILE) + ")")
+
+
+def _temporary_name(path: str) -> str:
+    """PATH.biflow-partial-HOST-PID: where a file is written before its rename (named for its writer)."""
+    return f"{path}{TEMPORARY_TAG}{socket.gethostname()}-{os.getpid()}"
+
+
 def _remove_stale_partials(out: str) -> None:
-    """Delete half-written shards (NAME.tmp-PID) whose writer is no longer alive on this host (a killed run)."""
+    """Delete half-written files of this encoder (a shard or latents.json + TEMPORARY_TAG + HOST-PID) whose
+    writer was on this host and is no longer alive (a killed run); anything else in `out` is never touched."""
     for name in os.listdir(out):
-        stem, _, pid = name.rpartition(".tmp-")
-        if not stem or not pid.isdigit():
+        stem, _, writer = name.rpartition(TEMPORARY_TAG)
+        host, _, pid = writer.rpartition("-")
+        if not OWN_FILE.fullmatch(stem) or host != socket.gethostname() or not pid.isdigit():
             continue
         try:
             os.kill(int(pid), 0)
@@ -294,11 +345,47 @@ def read_meta(folder: str) -> dict[str, Any]:
     if not folder or not os.path.isfile(path):
         raise DataError(f"data.folder={folder!r} holds no {META_FILE}: encode the images first with "
                         "`python -m biflow_jax.data.latents --config=... --out=DIR` and set data.folder=DIR")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise DataError(f"{path!r} is not JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DataError(f"{path!r} is not a {FORMAT!r} file")
+    check_meta(meta, path)
     return meta
+
+
+def check_meta(meta: dict, path: str) -> None:
+    """DataError naming the field of latents.json that the reader cannot use (a dtype the shards were
+    not written in would misread every record)."""
+    if meta.get("dtype") not in STORE_DTYPES:
+        raise DataError(f"{path!r}: dtype {meta.get('dtype')!r} is not one of {STORE_DTYPES}")
+    shape = meta.get("latent_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)):
+        raise DataError(f"{path!r}: latent_shape {shape!r} is not three positive integers")
+    if not isinstance(meta.get("shard_size"), int) or meta["shard_size"] <= 0:
+        raise DataError(f"{path!r}: shard_size {meta.get('shard_size')!r} is not a positive integer")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("num_examples"), int) and isinstance(v.get("num_shards"), int)
+            for v in splits.values()):
+        raise DataError(f"{path!r}: splits {splits!r} is not {{split: {{num_examples, num_shards}}}}")
+
+
+def damaged_shard(folder: str, split: str) -> str:
+    """'SHARD (REASON)' for the first shard of `split` whose records fail their checksums, read whole;
+    called once a read has failed (TFRecord errors do not say which file)."""
+    import tensorflow as tf
+
+    meta = read_meta(folder)
+    for path in shard_paths(folder, meta, split):
+        try:
+            for _ in tf.data.TFRecordDataset(path).as_numpy_iterator():
+                pass
+        except tf.errors.DataLossError as e:
+            return f"{path} ({tf_error_text(e)})"
+    return f"a shard of split {split!r} in {folder!r}"
 
 
 def shard_paths(folder: str, meta: dict, split: str) -> list[str]:

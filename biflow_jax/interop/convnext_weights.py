@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from biflow_jax.interop.state_dicts import check_keys, nest, read_config_json, read_weights_dir
+from biflow_jax.interop.state_dicts import check_keys, nest, parse_config, read_config_json, read_weights_dir
 from biflow_jax.models.convnext import ConvNeXtConfig
 
 Params = dict[str, Any]
@@ -124,7 +124,7 @@ def load_convnext(path: str | os.PathLike[str]) -> tuple[ConvNeXtConfig, Params]
     """
     directory = Path(path)
     raw = read_config_json(directory, _WHAT, _NEEDED)
-    config = config_from_json(raw, str(directory / "config.json"))
+    config = parse_config(raw, lambda r: config_from_json(r, str(directory / "config.json")), directory / "config.json")
     try:
         state = read_weights_dir(directory, "model", _WHAT)
     except FileNotFoundError as e:

@@ -17,7 +17,6 @@ show up later as bad metrics.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from biflow_jax.interop.state_dicts import check_keys, read_torch_file, read_weights_dir
+from biflow_jax.interop.state_dicts import check_keys, parse_config, read_config_json, read_torch_file, read_weights_dir
 from biflow_jax.models.dino import DinoConfig, dinov2_config
 
 Params = dict[str, Any]
@@ -311,7 +310,8 @@ def load_transformers_dino(directory: str | os.PathLike[str]) -> tuple[DinoConfi
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"DINOv2 checkpoint directory {directory} has no config.json")
-    cfg, has_mask_token = config_from_transformers(json.loads(config_path.read_text()))
+    raw = read_config_json(directory, "DINOv2", "a transformers facebook/dinov2-* save_pretrained directory")
+    cfg, has_mask_token = parse_config(raw, config_from_transformers, config_path)
     state = read_weights_dir(directory, "model", "DINOv2")
     return cfg, params_from_transformers_state_dict(state, cfg, has_mask_token, str(directory))
 

@@ -9,13 +9,39 @@ offending key with both shapes. torch is imported only for .bin/.pth files.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 StateDict = Mapping[str, np.ndarray]
+Parsed = TypeVar("Parsed")
+TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation",
+                     "In PyTorch 2.6", "Re-running `torch.load`")  # torch's advice, not its reason
+
+
+def torch_load_reason(err: BaseException) -> str:
+    """torch.load's reason for refusing a file, on one line: what it found (e.g. 'Trying to load unsupported
+    GLOBAL posix.system whose module posix is blocked'), without its advice to retry with weights_only=False,
+    which would run code from the file."""
+    lines = [" ".join(line.split()) for line in str(err).splitlines()]
+    lines = [line.replace("WeightsUnpickler error:", "").strip() for line in lines
+             if line.strip() and not line.startswith(TORCH_BOILERPLATE)]
+    lines = [line for line in lines if line]
+    text = "; ".join(lines) if lines else type(err).__name__
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def check_finite(state: Mapping[str, Any], source: Path | str) -> None:
+    """ValueError naming the first floating tensor holding NaN or inf: such weights load without error
+    and give NaN features or images (e.g. a flow sampling black images) far from the file at fault."""
+    for key, value in state.items():
+        array = np.asarray(value)
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            raise ValueError(f"{source}: tensor {key!r} holds {bad} NaN/inf value(s) of {array.size}; "
+                             "the weights are damaged")
 
 
 def torch_to_numpy(value: Any, key: str, source: Path | str) -> np.ndarray:
@@ -40,26 +66,32 @@ def read_torch_file(path: Path | str) -> dict[str, np.ndarray]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several kinds for non-checkpoint bytes
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a readable PyTorch state_dict ({reason[:200]})") from None
+        raise ValueError(f"{path} is not a readable PyTorch state_dict ({torch_load_reason(e)})") from None
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: expected a state_dict (mapping), got {type(state).__name__}")
-    return {str(k): torch_to_numpy(v, str(k), path) for k, v in state.items()}
+    arrays = {str(k): torch_to_numpy(v, str(k), path) for k, v in state.items()}
+    check_finite(arrays, path)
+    return arrays
 
 
 def read_safetensors(path: Path | str) -> dict[str, np.ndarray]:
     """A .safetensors file as numpy arrays (bfloat16 tensors go through torch as float32)."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
-        return dict(load_file(str(path)))
+        arrays = dict(load_file(str(path)))
+    except SafetensorError as e:  # empty, garbage, truncated, or a header that claims too much
+        raise ValueError(f"{path} is not a readable safetensors file ({' '.join(str(e).split())})") from None
     except (TypeError, ValueError, KeyError):
         from safetensors.torch import load_file as load_torch  # numpy has no bfloat16
 
-        return {k: torch_to_numpy(v, k, path) for k, v in load_torch(str(path)).items()}
+        arrays = {k: torch_to_numpy(v, k, path) for k, v in load_torch(str(path)).items()}
+    check_finite(arrays, path)
+    return arrays
 
 
 def read_weights_dir(directory: Path | str, stem: str, what: str) -> dict[str, np.ndarray]:
@@ -74,7 +106,13 @@ def read_weights_dir(directory: Path | str, stem: str, what: str) -> dict[str, n
     if single.is_file():
         return read_safetensors(single)
     if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (a JSON object with a weight_map): "
+                             f"{type(e).__name__} {e}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: weight_map is not a mapping of tensor names to shard files")
         state: dict[str, np.ndarray] = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = directory / shard
@@ -96,7 +134,23 @@ def read_config_json(directory: Path | str, what: str, needed: str) -> dict[str,
     path = directory / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{what} weights: {directory} has no config.json ({needed})")
-    return json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} holds a JSON {type(raw).__name__}, not an object of config fields ({needed})")
+    return raw
+
+
+def parse_config(raw: Mapping[str, Any], parse: Callable[[Mapping[str, Any]], Parsed], path: Path | str) -> Parsed:
+    """parse(raw), with a missing field or one of the wrong type reported as a ValueError naming the file."""
+    try:
+        return parse(raw)
+    except KeyError as e:
+        raise ValueError(f"{path} lacks the field {e}") from None
+    except TypeError as e:
+        raise ValueError(f"{path} has a field of the wrong type ({e})") from None
 
 
 def check_keys(state: StateDict, expected: Mapping[str, Sequence[int]], what: str) -> None:

@@ -22,7 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biflow_jax.interop.state_dicts import StateDict, check_keys, flatten, nest, read_config_json, read_weights_dir
+from biflow_jax.interop.state_dicts import (
+    StateDict,
+    check_keys,
+    flatten,
+    nest,
+    parse_config,
+    read_config_json,
+    read_weights_dir,
+)
 from biflow_jax.models.vae import AutoencoderKL, VAEConfig
 
 Params = dict[str, Any]
@@ -172,7 +180,7 @@ def load_vae(path: str | os.PathLike[str], dtype: str = "float32") -> tuple[VAEC
     is the compute dtype recorded in ``cfg`` (params are float32 numpy arrays).
     """
     raw = read_config_json(path, WHAT, NEEDED)
-    cfg = config_from_diffusers(raw, dtype=dtype)
+    cfg = parse_config(raw, lambda r: config_from_diffusers(r, dtype=dtype), os.path.join(path, "config.json"))
     try:
         state = read_weights_dir(path, "diffusion_pytorch_model", WHAT)
     except FileNotFoundError as e:

@@ -14,6 +14,7 @@ guidance, seed, how many of the images are shown, a row per class), `samples.npz
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -65,11 +66,32 @@ def sampler_caption(sampler: str, w: float) -> str:
     return f"exact inverse{how}, g={w:g}"
 
 
+MAX_LABELS_IN_NAME = 64  # longer label lists are named by count and hash (a file name has at most 255 bytes)
+
+
 def folder_name(sampler: str, w: float, seed: int, num_images: int, labels: Sequence[int] | None) -> str:
     name = f"{sampler}_w{w:g}_seed{seed}_n{num_images}"
     if labels is not None:
-        name += "_labels" + "-".join(str(int(v)) for v in labels)
+        text = "-".join(str(int(v)) for v in labels)
+        if len(text) > MAX_LABELS_IN_NAME:
+            text = f"{len(labels)}x{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+        name += "_labels" + text
     return name
+
+
+def check_settings(settings: dict, num_images: int | None = None, w: float | None = None) -> None:
+    """Every sampling setting that can be checked before sampling: counts positive, scales finite (a NaN
+    guidance would write a folder of garbage). Flags are named as flags, config values as config keys."""
+    count, key = (settings["num_images"], "sample.num_images") if num_images is None else (num_images, "--num_images")
+    if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+        raise ConfigError(f"{key}={count} must be a positive number of images")
+    if not isinstance(settings["batch_size"], int) or settings["batch_size"] <= 0:
+        raise ConfigError(f"sample.batch_size={settings['batch_size']} must be positive")
+    if w is not None and not math.isfinite(w):
+        raise ConfigError(f"--w={w} must be a finite number")
+    for name in ("guidance", "attn_temp", "noise_scale", "jacobi_tol"):
+        if not math.isfinite(float(settings[name])):
+            raise ConfigError(f"sample.{name}={settings[name]} must be a finite number")
 
 
 def default_labels(num_images: int, num_classes: int) -> np.ndarray:
@@ -87,20 +109,41 @@ def biflow_guidance(config: Any, reverse: Any, w: float | None) -> float:
     return float(w)
 
 
+def inside(path: str, tree: str) -> bool:
+    """Whether `path` is `tree` or lies under it (symbolic links resolved)."""
+    path, tree = os.path.realpath(path), os.path.realpath(tree)
+    return os.path.commonpath([path, tree]) == tree
+
+
+def own_tree(workdir: str) -> str:
+    """The folder a run may write into: its workdir, or the whole job directory for the reverse/ part of a
+    two-stage job (its flow is the sibling forward/)."""
+    parent = os.path.dirname(os.path.abspath(workdir))
+    if os.path.basename(os.path.abspath(workdir)) == runs.REVERSE_DIR and \
+            os.path.isdir(os.path.join(parent, runs.FORWARD_DIR)):
+        return parent
+    return workdir
+
+
 @contextlib.contextmanager
-def writing_into(workdir: str, stage: str) -> Iterator[None]:
-    """Own `workdir` (its samples/) and the `stage` run it denotes (its TensorBoard, caches) for the block.
+def writing_into(workdir: str, stage: str, out_dir: str | None = None) -> Iterator[list[str]]:
+    """Own `workdir` (its samples/) and the `stage` run it denotes (its TensorBoard, caches) for the block;
+    yields the directories owned, the only ones the block may write into.
 
     The read modes write into the run like training does, so they take the same one-writer lock: while
-    a training run owns either directory they stop with WorkdirBusyError before writing anything.
+    a training run owns either directory they stop with WorkdirBusyError before writing anything. A run
+    outside `workdir`'s tree (a stage-2 run's flow elsewhere) is only read, and an `out_dir` outside it
+    leaves the workdir unwritten (it may be read-only).
     """
-    dirs = [workdir]
+    dirs = [] if out_dir is not None and not inside(out_dir, workdir) else [workdir]
     with contextlib.suppress(FileNotFoundError):  # no such run: the mode's own load says so, in its words
-        dirs.append(runs.stage_dir(workdir, stage))
+        part = runs.stage_dir(workdir, stage)
+        if dirs and inside(part, own_tree(workdir)):
+            dirs.append(part)
     with contextlib.ExitStack() as locks:
         for path in dirs:
             locks.enter_context(workdir_lock.hold(path))  # re-entrant: the same directory twice is one lock
-        yield
+        yield dirs
 
 
 def run_sample(workdir: str, sampler: str | None = None, num_images: int | None = None,
@@ -119,7 +162,13 @@ def run_sample(workdir: str, sampler: str | None = None, num_images: int | None 
         sampler = next((k for k, v in EXACT_SOLVERS.items() if v == sample_settings(config)["solver"]), "exact")
     if sampler not in SAMPLERS:
         raise ConfigError(f"--sampler={sampler!r} must be one of {', '.join(SAMPLERS)}")
-    with writing_into(workdir, "biflow" if sampler == "biflow" else "flow"):
+    if w is not None and not math.isfinite(w):
+        raise ConfigError(f"--w={w} must be a finite number")
+    if num_images is not None and num_images <= 0:
+        raise ConfigError(f"--num_images={num_images} must be a positive number of images")
+    if out_dir is not None:
+        workdir_lock.check_writable(out_dir, "--out_dir")
+    with writing_into(workdir, "biflow" if sampler == "biflow" else "flow", out_dir) as owned:
         try:
             if sampler == "biflow":
                 reverse_run = runs.load_reverse(workdir, ema)
@@ -135,9 +184,8 @@ def run_sample(workdir: str, sampler: str | None = None, num_images: int | None 
         # Sampling settings come from the given config; the training noise from the run's own config.
         config = config if config is not None else run.config
         settings = sample_settings(config)
+        check_settings(settings, num_images, w)
         num_images = int(settings["num_images"] if num_images is None else num_images)
-        if num_images <= 0:
-            raise ConfigError(f"--num_images={num_images} must be positive")
 
         if labels is not None:
             all_labels = np.resize(np.asarray(labels, np.int32), num_images)
@@ -167,6 +215,9 @@ def run_sample(workdir: str, sampler: str | None = None, num_images: int | None 
                 return exact_inverse.generate(model, run.params, z, y, guidance, solver, sigma,
                                               settings["jacobi_tol"], settings["jacobi_max_iters"])
 
+        name = folder_name(sampler, w, seed, num_images, labels)  # where it goes, checked before sampling
+        out_dir = out_dir or os.path.join(workdir, "samples", name)
+        workdir_lock.check_writable(out_dir, "the samples folder")
         decoder = latent_space.load_decoder(config)
         devices = jax.local_devices()
         mesh = Mesh(np.array(devices), ("batch",))
@@ -192,8 +243,6 @@ def run_sample(workdir: str, sampler: str | None = None, num_images: int | None 
         seconds = time.perf_counter() - start
         images = np.concatenate(chunks)
 
-        name = folder_name(sampler, w, seed, num_images, labels)
-        out_dir = out_dir or os.path.join(workdir, "samples", name)
         os.makedirs(out_dir, exist_ok=True)
         png_path, npz_path = os.path.join(out_dir, "samples.png"), os.path.join(out_dir, "samples.npz")
         saved_labels = all_labels if all_labels is not None else np.full(num_images, -1, np.int32)
@@ -205,7 +254,8 @@ def run_sample(workdir: str, sampler: str | None = None, num_images: int | None 
                            "workdir": os.path.abspath(run.workdir), "denoise_sigma": sigma, "ema": ema}
         with open(os.path.join(out_dir, "settings.json"), "w") as f:
             json.dump(settings_record, f, indent=1)
-        grids.to_tensorboard(run.workdir, run.step, images={f"samples/{name}": grid})
+        if any(inside(run.workdir, d) for d in owned):  # never into a run this call only reads
+            grids.to_tensorboard(run.workdir, run.step, images={f"samples/{name}": grid})
 
         return {
             "samples_png": png_path,

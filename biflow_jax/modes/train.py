@@ -27,6 +27,9 @@ STAGES = ("flow", "biflow", "both")
 def validate(config: ml_collections.ConfigDict) -> None:
     """Every check of every stage this config runs, before anything is written."""
     require(config.stage in STAGES, f"stage={config.stage!r} must be one of {STAGES}")
+    from biflow_jax.modes import sample  # the grids sampled after each stage: checked before training
+
+    sample.check_settings(sample.sample_settings(config))
     latent_space.validate(config)  # a latent run's VAE directory, data and evaluators
     if config.stage in ("flow", "both"):
         objectives.validate(config, "flow")
@@ -39,10 +42,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     "stage 2 needs config.biflow.flow_init: the workdir of a finished stage-1 run")
 
 
+def check_batch_sizes(config: ml_collections.ConfigDict, info: dict[str, Any]) -> None:
+    """Each stage's batch fits its training split (checked before the workdir is written)."""
+    examples = info["num_examples"].get(config.data.train_split)
+    for stage in ("flow", "biflow"):
+        if config.stage not in (stage, "both"):
+            continue
+        train, _ = trainer.loop_sections(config, stage)
+        key = "biflow.train.batch_size" if stage == "biflow" else "train.batch_size"
+        require(train.batch_size > 0, f"{key}={train.batch_size} must be positive")
+        if examples is not None:
+            require(train.batch_size <= examples, f"{key}={train.batch_size} is larger than the training split "
+                    f"{config.data.train_split!r} ({examples} examples)")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Run the config's stages in `workdir`; returns each stage's final figures."""
+    checkpoint.check_path(workdir)
     validate(config)
-    input_pipeline.dataset_info(config.data)  # a missing dataset fails here, before the workdir is touched
+    info = input_pipeline.dataset_info(config.data)  # a missing dataset fails here, before the workdir is touched
+    check_batch_sizes(config, info)
     with workdir_lock.hold(workdir):  # one writer per workdir (each stage's loop also locks its own dir)
         return train_stages(config, workdir)
 

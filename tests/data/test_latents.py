@@ -4,6 +4,7 @@ same files as an uninterrupted run."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -147,14 +148,15 @@ def test_sigkill_then_rerun_equals_uninterrupted(setup, tmp_path):
     assert len(shards) == 1  # killed after its first of three shards
     with pytest.raises(DataError, match="incomplete: 1 of 1 'test' shards missing"):
         latents.dataset_info(_with_folder(config, out).data)
-    with open(os.path.join(out, f"train-00001-of-00002.tfrecord.tmp-{child.pid}"), "wb") as f:
+    partial = f"train-00001-of-00002.tfrecord{latents.TEMPORARY_TAG}{socket.gethostname()}-{child.pid}"
+    with open(os.path.join(out, partial), "wb") as f:
         f.write(b"half a shard")  # what a kill during a shard write leaves (the writer is dead)
     before = os.path.getmtime(os.path.join(out, shards[0]))
     time.sleep(0.01)
     latents.encode(config, out)  # the rerun: finishes the other shards, keeps the finished one
     assert os.path.getmtime(os.path.join(out, shards[0])) == before
     assert _files(out) == _files(config.data.folder)
-    assert not [f for f in os.listdir(out) if ".tmp-" in f]  # the killed writer's partial shard is gone
+    assert not [f for f in os.listdir(out) if latents.TEMPORARY_TAG in f]  # the killed writer's partial shard is gone
 
 
 def _with_folder(config, folder):
