@@ -109,12 +109,13 @@ def perceptual(lpips: float = 0.0, convnext: float = 0.0, dino: float = 0.0, **o
     Each enabled term's file must exist or stage 2 stops at start naming it. Paired
     random-resized crops (`crop_scale` of the area, `crop_ratio` aspect) resized to `crop_size`
     px; `remat` recomputes the networks' activations (and, in latent space, the VAE decoder's) in
-    the backward pass.
+    the backward pass; `chunk` > 0 runs decode + terms `chunk` samples at a time under remat (the
+    backward then holds one chunk's activations: what makes a 256-px VAE decode fit a TPU chip).
     """
     fields = dict(lpips=dict(weight=lpips, vgg16_path="", lin_path=""),
                   convnext=dict(weight=convnext, path="", normalize="imagenet"),
                   dino=dict(weight=dino, path="", size="vitb14"), crop_size=224, crop_scale=(0.08, 1.0),
-                  crop_ratio=(3 / 4, 4 / 3), remat=False, dtype="float32")
+                  crop_ratio=(3 / 4, 4 / 3), remat=False, chunk=0, dtype="float32")
     fields.update(overrides)
     return ml_collections.ConfigDict(fields)
 

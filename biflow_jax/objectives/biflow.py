@@ -288,8 +288,14 @@ def make(config: ml_collections.ConfigDict, flow_run: Any, image_fn: perceptual.
         total = terms["total"]
         if built is not None:
             crop_keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(example_keys(rng, index))
-            real = decoder.decode(frozen["vae"], clean_x) if decoder is not None else clean_x
-            extra, extra_metrics = built[0](frozen["perceptual"], image_fn(stages[-1], frozen), real, crop_keys)
+
+            def distances(tokens, clean_images, keys):
+                real = decoder.decode(frozen["vae"], clean_images) if decoder is not None else clean_images
+                return built[0].distances(frozen["perceptual"], image_fn(tokens, frozen), real, keys)
+
+            chunk = int(b.perceptual.get("chunk", 0)) if "perceptual" in b else 0
+            extra, extra_metrics = built[0].combine(perceptual.in_chunks(distances, chunk, stages[-1], clean_x,
+                                                                         crop_keys))
             total = total + extra
             metrics.update(extra_metrics)
         metrics["loss"] = total

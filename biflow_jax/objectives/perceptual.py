@@ -248,17 +248,44 @@ class PerceptualLoss:
 
     def __call__(self, params: Mapping[str, Any], generated: Array, real: Array,
                  keys: Array) -> tuple[Array, dict[str, Array]]:
+        return self.combine(self.distances(params, generated, real, keys))
+
+    def distances(self, params: Mapping[str, Any], generated: Array, real: Array, keys: Array) -> dict[str, Array]:
+        """Each term's (N,) per-sample distance on the paired crops."""
         fake, ref = paired_random_resized_crops(keys, to_rgb(generated), jax.lax.stop_gradient(to_rgb(real)),
                                                 self.crop_size, tuple(self.crop_scale), tuple(self.crop_ratio))
+        out = {}
+        for term in self.terms:
+            distance = jax.checkpoint(term.distance) if self.remat else term.distance
+            out[term.name] = distance(jax.lax.stop_gradient(params[term.name]), fake, ref)
+        return out
+
+    def combine(self, distances: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+        """(sum_k weight_k * mean(weighting(d_k)), metrics) from the per-sample distances."""
         total = jnp.zeros((), jnp.float32)
         metrics: dict[str, Array] = {}
         for term in self.terms:
-            distance = jax.checkpoint(term.distance) if self.remat else term.distance
-            d = distance(jax.lax.stop_gradient(params[term.name]), fake, ref)
+            d = distances[term.name]
             metrics[f"perceptual_{term.name}"] = jnp.mean(d)
             weighted = d if self.weighting is None else self.weighting(d)
             total = total + term.weight * jnp.mean(weighted)
         return total, metrics
+
+
+def in_chunks(fn: Callable[..., Any], chunk: int, *args: Array) -> Any:
+    """fn(*args) over the leading (batch) axis in chunks of `chunk` samples, each chunk under
+    jax.checkpoint inside one lax.map: the backward pass keeps only the chunks' inputs and recomputes
+    one chunk at a time, so the networks' activations (a 256-px VAE decode and two perceptual
+    networks on 224-px crops) are held for `chunk` samples instead of the whole per-device batch.
+    Same values and gradients as fn(*args) for per-sample fns; chunk <= 0 or >= N runs it whole."""
+    n = args[0].shape[0]
+    if chunk <= 0 or chunk >= n:
+        return fn(*args)
+    if n % chunk:
+        raise ValueError(f"biflow.perceptual.chunk={chunk} must divide the per-device batch {n}")
+    split = [a.reshape((n // chunk, chunk) + a.shape[1:]) for a in args]
+    out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), split)
+    return jax.tree_util.tree_map(lambda v: v.reshape((n,) + v.shape[2:]), out)
 
 
 def pixel_image_fn(patch_size: int, height: int, width: int, channels: int) -> ImageFn:
@@ -306,6 +333,8 @@ def validate(section: ml_collections.ConfigDict) -> None:
     require(int(section.crop_size) >= 32, f"biflow.perceptual.crop_size={section.crop_size} must be >= 32 px "
             "(ConvNeXt's patchify and three 2x downsamplings need 32)")
     require(section.dtype in DTYPES, f"biflow.perceptual.dtype={section.dtype!r} must be one of {sorted(DTYPES)}")
+    require(int(section.get("chunk", 0)) >= 0,
+            f"biflow.perceptual.chunk={section.get('chunk')} must be >= 0 (0: the whole per-device batch at once)")
     normalize = section.convnext.get("normalize", "imagenet")
     require(normalize in CONVNEXT_INPUTS,
             f"biflow.perceptual.convnext.normalize={normalize!r} must be one of {CONVNEXT_INPUTS}")

@@ -240,3 +240,31 @@ def test_convnext_input_is_imagenet_normalised_or_left_in_minus_one_one():
     config.biflow.perceptual.convnext.normalize = "pmf"
     with pytest.raises(ConfigError, match=r"convnext.normalize='pmf' must be one of \('imagenet', 'none'\)"):
         perceptual.validate(config.biflow.perceptual)
+
+
+def test_chunked_terms_equal_the_whole_batch_in_value_and_gradient():
+    """perceptual.in_chunks (lax.map of checkpointed chunks) against the plain per-sample function, float64."""
+    from biflow_jax.objectives.perceptual import in_chunks
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((8, 5, 3)))
+        w = jnp.asarray(rng.standard_normal((3, 4)))
+        keys = jnp.arange(8)
+
+        def per_sample(tokens, scale, k):
+            h = jnp.tanh(tokens @ w) * (1.0 + scale[:, None, None] + 0.1 * k[:, None, None])
+            return {"a": jnp.sum(h ** 2, axis=(1, 2)), "b": jnp.mean(h, axis=(1, 2))}
+
+        scale = jnp.asarray(rng.standard_normal(8))
+
+        def loss(tokens, chunk):
+            out = in_chunks(per_sample, chunk, tokens, scale, keys)
+            return jnp.sum(out["a"] * jnp.arange(8)) + jnp.sum(out["b"])
+
+        whole, chunked = per_sample(x, scale, keys), in_chunks(per_sample, 2, x, scale, keys)
+        for name in ("a", "b"):
+            np.testing.assert_allclose(chunked[name], whole[name], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(jax.grad(loss)(x, 2), jax.grad(loss)(x, 0), rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match="biflow.perceptual.chunk=3 must divide the per-device batch 8"):
+            in_chunks(per_sample, 3, x, scale, keys)
