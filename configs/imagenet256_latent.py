@@ -60,7 +60,9 @@ def latent_imagenet() -> ml_collections.ConfigDict:
     c.evals = ml_collections.ConfigDict()  # bits/dim of 8-bit pixels has no meaning for latents
     c.biflow = common.biflow(
         model=common.reverse_model("B/2", dtype="bfloat16"),
-        perceptual=common.perceptual(lpips=0.4, convnext=0.1),
+        # remat + chunk 4: the 256-px VAE decode and both networks' backward for 4 samples at a time (a v5e
+        # chip holds 32 samples' G step, not their decoder activations; --mode=compile, README).
+        perceptual=common.perceptual(lpips=0.4, convnext=0.1, remat=True, chunk=4),
         train=common.loop(batch_size=256, eval_batch_size=256, steps=160 * STEPS_PER_EPOCH, ema_decay=0.9999,
                           log_every=500, eval_every=10 * STEPS_PER_EPOCH, checkpoint_every=5000, keep_checkpoints=3),
         optim=common.optim(lr=1e-4, init_lr=1e-6, end_lr=1e-6, warmup_steps=STEPS_PER_EPOCH, grad_clip=0.0),

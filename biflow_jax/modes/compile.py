@@ -143,23 +143,48 @@ def find_fits(config: ml_collections.ConfigDict, failed: Result, mesh: Any, slic
               ) -> list[str]:
     """Settings under which the failed program fits, each proven by compiling it (at most two found)."""
     found: list[str] = []
-    tries = candidates(config, failed.stage, failed.program)
+    # remat and fsdp save a fraction of the HBM; far over it, only a smaller per-chip batch can fit
+    far_over = failed.total_bytes > 3 * slice_.chip.usable_hbm
+    tries = [] if far_over else candidates(config, failed.stage, failed.program)
     for description, overrides in tries:
         result = compile_one(with_overrides(config, overrides), failed.stage, failed.program, mesh, slice_)
         if result.fits:
             found.append(f"{description} ({result.total_bytes / GB:.2f} GiB)")
             if len(found) == 2:
                 return found
-    per_chip = failed.per_chip_batch // 2
-    while per_chip >= 1 and not found:  # the batch a chip can hold: a bigger slice, or a smaller global batch
-        key = batch_key(failed.stage, failed.program)
-        result = compile_one(with_overrides(config, {key: per_chip * slice_.num_chips}), failed.stage,
-                             failed.program, mesh, slice_)
-        if result.fits:
-            found.append(f"{per_chip} images a chip ({key}={per_chip * slice_.num_chips} on {slice_.name}, or "
-                         f"{failed.images} on {failed.images // per_chip} chips; {result.total_bytes / GB:.2f} GiB)")
-        per_chip //= 2
+    if not found and failed.per_chip_batch > 1:
+        found += largest_batch(config, failed, mesh, slice_)
     return found
+
+
+def largest_batch(config: ml_collections.ConfigDict, failed: Result, mesh: Any, slice_: tpu_slices.Slice
+                  ) -> list[str]:
+    """The largest power-of-two per-chip batch that fits: HBM is fixed + per-image x batch, fitted on two
+    small compiles, and the predicted batch proven by a third (halved until it fits)."""
+    key = batch_key(failed.stage, failed.program)
+    chips, capacity = slice_.num_chips, slice_.chip.usable_hbm
+
+    def at(per_chip: int) -> Result:
+        return compile_one(with_overrides(config, {key: per_chip * chips}), failed.stage, failed.program, mesh,
+                           slice_)
+
+    small = max(1, failed.per_chip_batch // 64)
+    first, second = at(small), at(2 * small)
+    if not (first.fits and second.fits):
+        return []
+    per_image = max(second.total_bytes - first.total_bytes, 1) / small
+    fixed = first.total_bytes - per_image * small
+    guess = max(2 * small, int((capacity - fixed) / per_image))
+    per_chip = 1 << (guess.bit_length() - 1)
+    while per_chip > 2 * small:
+        result = at(per_chip)
+        if result.fits:
+            break
+        per_chip //= 2
+    else:
+        per_chip, result = 2 * small, second
+    return [f"{per_chip} images a chip ({key}={per_chip * chips} on {slice_.name}, or {failed.images} on "
+            f"{failed.images // per_chip} chips; {result.total_bytes / GB:.2f} GiB)"]
 
 
 def compile_one(config: ml_collections.ConfigDict, stage: str, program: str, mesh: Any,
