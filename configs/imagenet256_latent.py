@@ -94,7 +94,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         train=common.loop(batch_size=4, eval_batch_size=4, steps=3, log_every=1, eval_every=3, checkpoint_every=3,
                           keep_checkpoints=1),
         optim=common.optim(lr=1e-3, warmup_steps=1),
-        evals=dict(reconstruction=dict(every=0)))
+        evals=dict(reconstruction=dict(every=0), fid=common.fid()))
     c.sample = common.sample(num_images=4, batch_size=4, guidance=0.0, denoise=True)
     return c
 
