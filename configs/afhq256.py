@@ -15,9 +15,11 @@ import ml_collections
 
 from configs import common
 
+VARIANTS = ("",)
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    common.variant(arg, ("",), "configs/afhq256.py")
+    common.variant(arg, VARIANTS, "configs/afhq256.py")
     c = common.base()
     c.data = common.data(name="folder", image_size=256, channels=3, num_classes=3, random_flip=True)
     c.model = common.flow_model(img_size=256, in_channels=3, patch_size=8, channels=768, num_blocks=8,

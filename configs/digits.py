@@ -21,9 +21,11 @@ import ml_collections
 
 from configs import common
 
+VARIANTS = ("full", "quick")
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variant = common.variant(arg, ("full", "quick"), "configs/digits.py")
+    variant = common.variant(arg, VARIANTS, "configs/digits.py")
     c = common.base()
     c.stage = "both"
     # G: 5 stages (one per forward block + denoising), 2 layers each, width 64.

@@ -16,6 +16,8 @@ import ml_collections
 
 from configs import common, digits
 
+VARIANTS = digits.VARIANTS
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = digits.get_config(arg)

@@ -26,6 +26,8 @@ Variants:
          7 & 8, layer 6, on the VAE-decoded posterior mean (needs --config.align.weights=).
   smoke  a tiny CPU run: a generated image folder (--config.latent.source.folder=), a tiny
          random VAE (--config.latent.vae_path=), both stages for a few steps.
+FID (`--mode=eval`, both stages): VAE-decoded samples against ADM's VIRTUAL_imagenet256_labeled.npz
+(openai/guided-diffusion evaluations), named until `--ref=` points at it.
 Improved flow: b2, xl2 and rrepa use 2D RoPE and SwiGLU (R-REPA's latent flow; BiFlow's
 "improved TARFlow"); smoke turns on every option (RoPE, RMSNorm, QK-norm, SwiGLU and a
 deep-shallow (1, 2) layer schedule) so the CPU run exercises them in both stages.
@@ -57,7 +59,10 @@ def latent_imagenet() -> ml_collections.ConfigDict:
                                 noise="gaussian", noise_std=0.3, ema_decay=0.9999, log_every=500,
                                 eval_every=10 * STEPS_PER_EPOCH, checkpoint_every=5000, keep_checkpoints=3)
     c.optim = common.optim(lr=1e-4, init_lr=1e-6, end_lr=1e-6, warmup_steps=STEPS_PER_EPOCH, grad_clip=0.0)
-    c.evals = ml_collections.ConfigDict()  # bits/dim of 8-bit pixels has no meaning for latents
+    # bits/dim of 8-bit pixels has no meaning for latents. FID-50K (--mode=eval; every=-1: not during training)
+    # of VAE-decoded samples against ADM's ImageNet-256 reference batch, named until --ref points at it.
+    fid = dict(reference_name="VIRTUAL_imagenet256_labeled.npz", num_samples=50_000)
+    c.evals = ml_collections.ConfigDict(dict(fid=common.fid(**fid)))
     c.biflow = common.biflow(
         model=common.reverse_model("B/2", dtype="bfloat16"),
         # remat + chunk 4: the 256-px VAE decode and both networks' backward for 4 samples at a time (a v5e
@@ -66,7 +71,7 @@ def latent_imagenet() -> ml_collections.ConfigDict:
         train=common.loop(batch_size=256, eval_batch_size=256, steps=160 * STEPS_PER_EPOCH, ema_decay=0.9999,
                           log_every=500, eval_every=10 * STEPS_PER_EPOCH, checkpoint_every=5000, keep_checkpoints=3),
         optim=common.optim(lr=1e-4, init_lr=1e-6, end_lr=1e-6, warmup_steps=STEPS_PER_EPOCH, grad_clip=0.0),
-        evals=dict(reconstruction=dict(every=10 * STEPS_PER_EPOCH)))
+        evals=dict(reconstruction=dict(every=10 * STEPS_PER_EPOCH), fid=common.fid(**fid)))
     c.sample = common.sample(num_images=50_000, batch_size=256, guidance=1.0, denoise=True)
     c.parallel.topology = "v5e:2x4"  # 32 images a chip; --mode=compile: every program fits (README)
     return c
@@ -86,12 +91,13 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train = common.flow_train(batch_size=4, eval_batch_size=4, steps=3, noise="gaussian", noise_std=0.3,
                                 log_every=1, eval_every=3, checkpoint_every=3, keep_checkpoints=1)
     c.optim = common.optim(lr=1e-3, warmup_steps=1)
+    c.evals = ml_collections.ConfigDict(dict(fid=common.fid()))  # a generated folder: no ADM reference
     c.biflow = common.biflow(
         model=common.reverse_model("tiny", depth=3, width=32, heads=2),
         train=common.loop(batch_size=4, eval_batch_size=4, steps=3, log_every=1, eval_every=3, checkpoint_every=3,
                           keep_checkpoints=1),
         optim=common.optim(lr=1e-3, warmup_steps=1),
-        evals=dict(reconstruction=dict(every=0)))
+        evals=dict(reconstruction=dict(every=0), fid=common.fid()))
     c.sample = common.sample(num_images=4, batch_size=4, guidance=0.0, denoise=True)
     return c
 

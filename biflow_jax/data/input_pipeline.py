@@ -63,9 +63,15 @@ def dataset_info(data_cfg: Any) -> dict[str, Any]:
 
 
 def check_class_count(data_cfg: Any, builder: tfds.core.DatasetBuilder) -> None:
-    """A TFDS label feature with a known class count must match data.num_classes (labels are never clipped)."""
+    """A conditional config needs the TFDS label feature, and its class count must match data.num_classes
+    (labels are never clipped)."""
     features, key = builder.info.features, data_cfg.get("label_key", "label")
     feature = features[key] if features is not None and key in features.keys() else None
+    if data_cfg.num_classes and feature is None:
+        have = sorted(features.keys()) if features is not None else []
+        raise DataError(f"dataset {data_cfg.name!r} has no label feature {key!r} (features: {have}) but "
+                        f"data.num_classes={data_cfg.num_classes}: a class-conditional flow needs labelled data; "
+                        "use a labelled dataset (or data.label_key), or data.num_classes=0 and model.num_classes=0")
     classes = getattr(feature, "num_classes", None)
     if data_cfg.num_classes and classes and classes != data_cfg.num_classes:
         raise DataError(f"dataset {data_cfg.name!r} has {classes} classes but data.num_classes="
@@ -73,7 +79,7 @@ def check_class_count(data_cfg: Any, builder: tfds.core.DatasetBuilder) -> None:
 
 
 def _source(data_cfg: Any, split: str) -> tf.data.Dataset:
-    """This process's shard of `split`, in a fixed order, as (image uint8, label) pairs."""
+    """This process's shard of `split`, in a fixed order, as (image uint8, label) pairs (TFDS images resized)."""
     if data_cfg.name == "latents":  # ({'mean', 'std'} of the image and its flip, label) pairs
         from biflow_jax.data import latents
 
@@ -86,7 +92,10 @@ def _source(data_cfg: Any, split: str) -> tf.data.Dataset:
     shard = tfds.split_for_jax_process(split, drop_remainder=True)
     ds = builder.as_dataset(split=shard, shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1))
     label_key = data_cfg.get("label_key", "label")
-    return ds.map(lambda ex: (ex["image"], tf.cast(ex.get(label_key, -1), tf.int32)))
+    # Resized here, before the training stream batches: full ImageNet's images differ in size.
+    size, channels = data_cfg.image_size, data_cfg.channels
+    return ds.map(lambda ex: (_resize(ex["image"], size, channels), tf.cast(ex.get(label_key, -1), tf.int32)),
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _resize(image: tf.Tensor, size: int, channels: int) -> tf.Tensor:

@@ -2,8 +2,11 @@
 
 For every stage the config runs, the models are built abstractly (`jax.eval_shape`) and
 described: class, parameter count, token grid, classes and forward FLOPs per image (from
-XLA's cost analysis of the lowered forward pass). The last line printed is one JSON object:
-{"stages": [{"name", "model", "params", "classes", "tokens", "token_grid", "flops_per_image"}, ...]}.
+XLA's cost analysis of the lowered forward pass). The dataset line is read from the config
+alone (name, splits, labelled or not), so a conditional flow on an unlabelled dataset shows
+before any data is read. The last line printed is one JSON object:
+{"data": {"name", "train_split", "test_split", "labelled", "num_classes", ...},
+ "stages": [{"name", "model", "params", "classes", "tokens", "token_grid", "flops_per_image"}, ...]}.
 """
 
 from __future__ import annotations
@@ -77,14 +80,36 @@ def describe_biflow(config: ml_collections.ConfigDict) -> dict[str, Any]:
             "flops_per_image": None if f is None else f / FLOP_BATCH}
 
 
+def describe_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The dataset the config trains on, as the config names it (nothing is read); for latents, also the
+    image dataset they are encoded from."""
+    data = config.data
+    out = {"name": data.name, "train_split": data.train_split, "test_split": data.test_split,
+           "labelled": bool(data.num_classes), "num_classes": int(data.num_classes),
+           "image_size": int(data.image_size)}
+    if config.get("latent") is not None and config.latent.get("enabled", False):
+        source = config.latent.source
+        out["source"] = {"name": source.name, "train_split": source.train_split, "test_split": source.test_split,
+                         "image_size": int(source.image_size)}
+    return out
+
+
+def data_line(data: dict[str, Any]) -> str:
+    labels = f"labelled, {data['num_classes']} classes" if data["labelled"] else "unlabelled (unconditional)"
+    source = (f", encoded from {data['source']['name']} ({data['source']['train_split']} / "
+              f"{data['source']['test_split']}) at {data['source']['image_size']} px") if "source" in data else ""
+    return (f"data: {data['name']} (train split {data['train_split']!r}, test split {data['test_split']!r}), "
+            f"{data['image_size']} px, {labels}{source}")
+
+
 def describe(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """{'stages': [...]} for the stages `config.stage` runs ('both' describes both)."""
+    """{'data': {...}, 'stages': [...]} for the stages `config.stage` runs ('both' describes both)."""
     stages = []
     if config.stage in ("flow", "both"):
         stages.append(describe_flow(config))
     if config.stage in ("biflow", "both"):
         stages.append(describe_biflow(config))
-    return {"stages": stages}
+    return {"data": describe_data(config), "stages": stages}
 
 
 def run(config: ml_collections.ConfigDict, all_stages: bool = True) -> dict[str, Any]:
@@ -94,6 +119,7 @@ def run(config: ml_collections.ConfigDict, all_stages: bool = True) -> dict[str,
         config = ml_collections.ConfigDict(config.to_dict())
         config.stage = "both"
     result = describe(config)
+    print(data_line(result["data"]))
     for s in result["stages"]:
         gflops = "n/a" if s["flops_per_image"] is None else f"{s['flops_per_image'] / 1e9:.3f} GFLOP"
         print(f"{s['name']}: {s['model']}; {s['params']:,} params ({s['params'] / 1e6:.1f}M); "

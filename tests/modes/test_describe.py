@@ -39,3 +39,17 @@ def test_imagenet64_p2_reports_1000_classes_for_both_stages_on_the_command_line(
     assert [s["classes"] for s in result["stages"]] == [1000, 1000]
     assert all(s["tokens"] == 1024 for s in result["stages"])  # 64x64, patch 2
     assert result["stages"][0]["flops_per_image"] > 1e9
+    # The conditional flow trains on labelled ImageNet (TFDS imagenet2012, validation as the test split).
+    assert result["data"] == {"name": "imagenet2012", "train_split": "train", "test_split": "validation",
+                              "labelled": True, "num_classes": 1000, "image_size": 64}
+    assert ("data: imagenet2012 (train split 'train', test split 'validation'), 64 px, labelled, 1000 classes"
+            in out.stdout.splitlines())
+
+
+def test_unconditional_imagenet64_describes_an_unlabelled_dataset_and_no_classes():
+    config = config_files.load(f"{REPO}/configs/imagenet64.py:uncond")
+    data = describe.describe_data(config)
+    assert data["name"] == "downsampled_imagenet/64x64" and not data["labelled"] and data["num_classes"] == 0
+    assert describe.data_line(data).endswith("64 px, unlabelled (unconditional)")
+    assert config.model.num_classes == 0 and config.train.label_drop == 0 and not config.biflow.cfg_training
+    assert config.sample.guidance == 0 and config.evals.fid.guidance == 0 and config.evals.fid.reference_name == ""
