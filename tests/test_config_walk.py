@@ -26,6 +26,11 @@ from conftest import REPO
 from biflow_jax import config_files
 from biflow_jax.evaluators import inception_features
 
+# The walk takes minutes per config on a 2-core CPU (about 95 min for all of them, measured under load),
+# far over the CI budget, so it runs only when asked: BIFLOW_CONFIG_WALK=1 python -m pytest tests/test_config_walk.py
+pytestmark = pytest.mark.skipif(os.environ.get("BIFLOW_CONFIG_WALK") != "1",
+                                reason="the config walk runs with BIFLOW_CONFIG_WALK=1 (too slow for CI)")
+
 RANDOM_VARIABLES = inception_features.random_variables
 
 STEPS = 2
