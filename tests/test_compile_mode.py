@@ -75,12 +75,14 @@ def test_a_batch_no_chip_holds_exits_2_with_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     result = subprocess.run(
         [sys.executable, "-m", "biflow_jax.main", "--mode=compile", f"--config={REPO}/configs/digits.py:quick",
-         "--topology=v5e:2x2", "--programs=flow/train_step", "--nofit_search", "--config.model.channels=256",
-         "--config.train.batch_size=262144"], capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=600)
+         "--topology=v5e:2x2", "--programs=flow/train_step", "--nofit_search", "--config.model.channels=32",
+         "--config.model.head_dim=16", "--config.model.num_blocks=1", "--config.model.layers_per_block=1",
+         "--config.train.batch_size=8388608"], capture_output=True, text=True, cwd=str(tmp_path), env=env,
+        timeout=600)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, lines
-    assert re.match(r"error: flow/train_step does not fit v5e:2x2: it needs [\d.]+ GiB a chip \(65536 images a chip\), "
+    assert re.match(r"error: flow/train_step does not fit v5e:2x2: it needs [\d.]+ GiB a chip \(2097152 images a chip\), "
                     r"a v5e chip has 15\.75 GiB", lines[0]), lines[0]
     assert json.loads(result.stdout.strip().splitlines()[-1])["programs"][0]["fits"] is False
 
