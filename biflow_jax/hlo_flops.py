@@ -79,18 +79,23 @@ def _dims(rest: str, key: str) -> list[int]:
     return [int(d) for d in found.group(1).split(",") if d] if found else []
 
 
-def _taps(rest: str) -> int:
-    """Input elements a convolution's window meets per output and input feature. TPU writes batched
-    matmuls as convolutions whose batch dims are spatial dims with `lhs_dilate` equal to the window:
-    of a window of size s over an input dilated by d only ceil(s / d) taps land on real elements."""
+def _taps(rest: str, lhs_shape: tuple[int, ...]) -> int:
+    """Input elements a convolution's window meets per output and input feature. TPU writes matmuls as
+    convolutions whose window mostly lands on padding or dilation holes: batch dims as spatial dims with
+    `lhs_dilate` equal to the window (ceil(size / dilate) real taps), or a head dim as a window over an
+    input of size 1 padded around it (1 real tap). Per spatial dim: min(ceil(size / dilate), input size)."""
     window = re.search(r"window=\{([^}]*)\}", rest)
-    if window is None:
+    labels = re.search(r"dim_labels=(\w+)_", rest)
+    if window is None or labels is None:
         return 1
     size = re.search(r"size=([\dx]+)", window.group(1))
     dilate = re.search(r"lhs_dilate=([\dx]+)", window.group(1))
     sizes = [int(v) for v in size.group(1).split("x")] if size else []
     dilations = [int(v) for v in dilate.group(1).split("x")] if dilate else [1] * len(sizes)
-    return math.prod(-(-s // d) for s, d in zip(sizes, dilations))
+    lhs = labels.group(1)
+    inputs = [lhs_shape[lhs.index(str(k))] if str(k) in lhs and lhs.index(str(k)) < len(lhs_shape) else s
+              for k, s in enumerate(sizes)]
+    return math.prod(min(-(-s // d), n) for s, d, n in zip(sizes, dilations, inputs))
 
 
 def _own_flops(instrs: list[Instruction]) -> float:
@@ -111,7 +116,7 @@ def _own_flops(instrs: list[Instruction]) -> float:
             kernel = shapes[ops[1]]
             if labels is None or len(labels.group(1)) != len(kernel):
                 continue
-            total += 2.0 * out * kernel[labels.group(1).index("i")] * _taps(i.rest)
+            total += 2.0 * out * kernel[labels.group(1).index("i")] * _taps(i.rest, shapes[ops[0]])
     return total
 
 
