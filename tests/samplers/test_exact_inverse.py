@@ -218,7 +218,7 @@ def test_run_sample_writes_grid_and_npz(one_block_flow, tmp_path, monkeypatch):
     model, params = one_block_flow
     config = ml_collections.ConfigDict({
         "train": {"noise": "gaussian", "noise_std": 0.05},
-        "sample": {"num_images": 12, "batch_size": 5},  # the last batch of 2 is padded to 5
+        "sample": {"num_images": 12, "batch_size": 5, "denoise": True},  # the last batch of 2 is padded to 5
     })
     calls = []
 
