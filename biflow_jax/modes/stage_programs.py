@@ -104,9 +104,7 @@ def train_program(stage: str, config: ml_collections.ConfigDict, objective: obje
         state = trainer.abstract_state(objective, optimizer, train.seed, config.parallel, mesh)
         batch = batch_spec(config, train.batch_size, mesh)
         frozen = None if objective.frozen is None else abstract(objective.frozen, replicated)
-        if config.parallel.backend == "pmap":
-            raise NotImplementedError("pmap")
-        return step.run.lower(state, batch, frozen)
+        return step.run.lower(state, batch, frozen)  # jit / fsdp only: compile.run refuses pmap first
 
     return Program(stage, "train_step", train.batch_size, lower,
                    None if analytic is None else analytic * train.batch_size)
