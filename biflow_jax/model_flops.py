@@ -24,8 +24,8 @@ def flow_forward(model: Any) -> float:
     from biflow_jax.models.tarflow import swiglu_hidden
 
     t, c, d = model.num_tokens, model.channels, model.token_dim
-    gated = model.mlp == "swiglu"
-    hidden = swiglu_hidden(c, model.expansion) if gated else c * model.expansion
+    gated = model.mlp in ("swiglu", "geglu_starflow")  # STARFlow's gated MLP keeps hidden C x expansion
+    hidden = swiglu_hidden(c, model.expansion) if model.mlp == "swiglu" else c * model.expansion
     layers = list(model.block_layers) or [model.layers_per_block] * model.num_blocks
     per_block = [2 * t * d * c + n * transformer_layer(t, c, hidden, gated) + 2 * t * c * 2 * d for n in layers]
     return float(sum(per_block))

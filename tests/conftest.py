@@ -17,6 +17,17 @@ os.environ.setdefault("BIFLOW_KEEP_HOST_MEMORY", "0")
 # ahead-of-time TPU compile tests, which need no TPU backend): without this, JAX would first try
 # to start a TPU runtime and print libtpu's warnings into every subprocess's stderr.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache per test run, shared by the xdist workers and every subprocess
+# they start (they inherit the variable): the suite compiles the same tiny programs (the digits
+# flow's train step, its sampler, ...) in many processes, and a cached executable is the one a fresh
+# compile would give. The run's first process (the xdist controller, or pytest alone) names a fresh
+# folder; a folder named by the caller is kept.
+if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="biflow-test-xla-cache-")
+    os.environ["BIFLOW_TEST_OWNS_XLA_CACHE"] = "1"
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # torchvision's compiled detection operators do not load beside the CPU build of torch this
 # project pins, and transformers/diffusers import torchvision whenever it is installed; the
 # reference models need only its Python layers (see torch_reference.py).
@@ -49,3 +60,11 @@ def quick_config(stage: str = "flow", steps: int = 100):
 @pytest.fixture
 def repo_root() -> str:
     return REPO
+
+
+def pytest_unconfigure(config):
+    """The run's first process removes the compilation cache it made (workers leave it to it)."""
+    if os.environ.get("BIFLOW_TEST_OWNS_XLA_CACHE") == "1" and "PYTEST_XDIST_WORKER" not in os.environ:
+        import shutil
+
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
