@@ -17,8 +17,8 @@ import sys
 
 from biflow_jax import runs
 from biflow_jax.errors import EXPECTED_ERRORS
+from biflow_jax.interop.export_files import export_flow, export_reverse, forward_export_note, reverse_export_config
 from biflow_jax.interop.reverse_layout import reverse_params_to_state_dict
-from biflow_jax.interop.torch_files import export_flow, export_reverse, forward_export_note, reverse_export_config
 
 
 def export_workdir(workdir: str, out_dir: str, ema: bool = True) -> list[dict[str, str]]:

@@ -20,9 +20,8 @@ import numpy as np
 
 from biflow_jax import config_files, runs
 from biflow_jax.errors import EXPECTED_ERRORS
-from biflow_jax.interop.state_dicts import check_finite, torch_load_reason
+from biflow_jax.interop.state_dicts import check_finite, to_numpy, torch_load_reason, unwrap_state_dict
 from biflow_jax.interop.tarflow_layout import ml_tarflow_lacks, state_dict_to_flow_params
-from biflow_jax.interop.torch_files import to_numpy, unwrap_state_dict
 from biflow_jax.models import registry
 
 ZIP_MAGIC, PICKLE_PROTO = b"PK\x03\x04", b"\x80"  # torch.save's zip format; the legacy pickle format

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file  # noqa: E402
 
 import biflow_jax.torch as torch_port  # noqa: E402
 from biflow_jax import config_files, import_torch, runs  # noqa: E402
-from biflow_jax.interop import torch_files as export  # noqa: E402
+from biflow_jax.interop import export_files as export  # noqa: E402
 from biflow_jax.interop.tarflow_layout import (  # noqa: E402
     flow_params_to_state_dict,
     state_dict_layout,

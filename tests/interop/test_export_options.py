@@ -26,7 +26,7 @@ from safetensors import safe_open  # noqa: E402
 import biflow_jax.torch as torch_port  # noqa: E402
 from biflow_jax import export as export_cli  # noqa: E402
 from biflow_jax import import_torch  # noqa: E402
-from biflow_jax.interop import torch_files  # noqa: E402
+from biflow_jax.interop import export_files  # noqa: E402
 from biflow_jax.interop.tarflow_layout import (  # noqa: E402
     flow_params_to_state_dict,
     ml_tarflow_compatible,
@@ -161,9 +161,9 @@ def test_option_flow_exports_and_matches_flax(name, tmp_path):
     model = build_flow(cfg.model)
     params = random_params(model, seed=3)
     out_dir = str(tmp_path / "export")
-    torch_files.export_flow(cfg, params, out_dir)
+    export_files.export_flow(cfg, params, out_dir)
 
-    with open(os.path.join(out_dir, torch_files.FORWARD_CONFIG)) as f:
+    with open(os.path.join(out_dir, export_files.FORWARD_CONFIG)) as f:
         saved = json.load(f)
     assert saved["ml_tarflow_compatible"] is False
     assert {k: saved[k] for k in ("rope", "norm", "qk_norm", "mlp", "block_layers")} == {
@@ -171,7 +171,7 @@ def test_option_flow_exports_and_matches_flax(name, tmp_path):
         "qk_norm": cfg.model.get("qk_norm", False), "mlp": cfg.model.get("mlp", "gelu"),
         "block_layers": list(cfg.model.get("block_layers", ()))}
     assert saved["clip_shift"] is cfg.model.get("clip_shift", False) and saved["clip"] == cfg.model.clip
-    with safe_open(os.path.join(out_dir, torch_files.FORWARD_WEIGHTS), "np") as f:
+    with safe_open(os.path.join(out_dir, export_files.FORWARD_WEIGHTS), "np") as f:
         layout = f.metadata()["layout"]
     assert layout == f"biflow_jax.torch.tarflow.Model (options ml-tarflow lacks: {', '.join(LACKS[name])})"
 
@@ -227,15 +227,15 @@ def test_export_cli_notes_that_ml_tarflow_cannot_load_an_option_flow(monkeypatch
     cfg = config(rope=True, mlp="swiglu")
     params = random_params(build_flow(cfg.model), seed=4)
     monkeypatch.setattr(export_cli, "export_workdir",
-                        lambda workdir, out, ema: [torch_files.export_flow(cfg, params, out)])
+                        lambda workdir, out, ema: [export_files.export_flow(cfg, params, out)])
     export_cli.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == ("note: this flow uses rope, swiglu: biflow_jax.torch.load reads it; "
                          "apple/ml-tarflow's transformer_flow.Model cannot")
     default = config()
     monkeypatch.setattr(export_cli, "export_workdir", lambda workdir, out, ema: [
-        torch_files.export_flow(default, random_params(build_flow(default.model), seed=5), out)])
+        export_files.export_flow(default, random_params(build_flow(default.model), seed=5), out)])
     export_cli.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "plain")])
     assert "note:" not in capsys.readouterr().out
-    with safe_open(str(tmp_path / "plain" / torch_files.FORWARD_WEIGHTS), "np") as f:
+    with safe_open(str(tmp_path / "plain" / export_files.FORWARD_WEIGHTS), "np") as f:
         assert f.metadata()["layout"] == "ml-tarflow transformer_flow.Model"

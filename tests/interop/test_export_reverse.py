@@ -29,7 +29,7 @@ import biflow_jax.models.reverse as jax_reverse  # noqa: E402
 import biflow_jax.torch as torch_port  # noqa: E402
 from biflow_jax import checkpoint, runs  # noqa: E402
 from biflow_jax import export as export_cli  # noqa: E402
-from biflow_jax.interop import torch_files  # noqa: E402
+from biflow_jax.interop import export_files  # noqa: E402
 from biflow_jax.interop.reverse_layout import (  # noqa: E402
     reverse_layout,
     reverse_params_to_state_dict,
@@ -82,17 +82,17 @@ def build(config: ml_collections.ConfigDict) -> jax_reverse.ReverseViT:
 
 
 class export:  # noqa: N801  (the export API the tests use, on configs)
-    REVERSE_CONFIG, REVERSE_WEIGHTS = torch_files.REVERSE_CONFIG, torch_files.REVERSE_WEIGHTS
+    REVERSE_CONFIG, REVERSE_WEIGHTS = export_files.REVERSE_CONFIG, export_files.REVERSE_WEIGHTS
     main = staticmethod(export_cli.main)
-    export_flow = staticmethod(torch_files.export_flow)
+    export_flow = staticmethod(export_files.export_flow)
 
     @staticmethod
     def reverse_export_config(config):
-        return torch_files.reverse_export_config(build(config), config.model, config.biflow.model.dtype)
+        return export_files.reverse_export_config(build(config), config.model, config.biflow.model.dtype)
 
     @staticmethod
     def export_reverse(config, params, out_dir):
-        return torch_files.export_reverse(export.reverse_export_config(config), params, out_dir)
+        return export_files.export_reverse(export.reverse_export_config(config), params, out_dir)
 
 
 def random_params(model: jax_reverse.ReverseViT, seed: int):
