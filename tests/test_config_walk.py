@@ -175,9 +175,9 @@ def pixel_config(config):
 @pytest.mark.parametrize("name,variant", walk_params(), ids=lambda v: v or "default")
 def test_config_walks_end_to_end(name, variant, assets, tmp_path, monkeypatch):
     from biflow_jax.evaluators import ref_stats
-    from biflow_jax.export import export_workdir
     from biflow_jax.modes import compare, describe, sample, train
     from biflow_jax.modes import eval as eval_mode
+    from biflow_jax.modes.export import export_workdir
 
     assert not variant.startswith("<"), f"configs/{name}.py has no VARIANTS tuple: the walk cannot list its variants"
     real = config_files.load(os.path.join(REPO, "configs", f"{name}.py") + (f":{variant}" if variant else ""))

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import REPO, quick_config
 
-from biflow_jax import checkpoint, import_torch, runs, trainer, workdir_lock
+from biflow_jax import checkpoint, runs, trainer, workdir_lock
 from biflow_jax.errors import CheckpointError, TrainingError, WorkdirBusyError
 from biflow_jax.models import registry
 from biflow_jax.modes import sample as sample_mode
@@ -245,14 +245,14 @@ def test_full_disk_stops_at_the_failing_save_naming_the_last_good_step(base_run,
 
 @pytest.mark.parametrize("content", [b"", os.urandom(4096), b"\x80\x02garbage that is not a pickle"],
                          ids=["empty", "random", "bad_pickle"])
-def test_import_torch_says_one_clean_line_for_non_checkpoint_files(tmp_path, capsys, content):
+def test_import_torch_says_one_clean_line_for_non_checkpoint_files(tmp_path, content):
     path = tmp_path / "weights.pth"
     path.write_bytes(content)
-    with pytest.raises(SystemExit) as exit_info:
-        import_torch.main([f"--checkpoint={path}", f"--config={REPO}/configs/digits.py:quick",
-                           f"--workdir={tmp_path / 'never'}"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    done = subprocess.run([sys.executable, "-m", "biflow_jax.import_torch", f"--checkpoint={path}",
+                           f"--config={REPO}/configs/digits.py:quick", f"--workdir={tmp_path / 'never'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    err = done.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and str(path) in err[0], err
     assert "weights_only" not in err[0]  # torch's advice to unpickle code, impossible from the CLI anyway
     assert ("is empty (0 bytes)" in err[0]) == (not content)

@@ -126,7 +126,8 @@ def slow(*a):
     print("shard written", flush=True)
     time.sleep(60)  # killed here
 latents._write_shard = slow
-latents.run()
+from biflow_jax.cli import encode_latents
+encode_latents.run()
 """
 
 

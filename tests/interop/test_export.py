@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 from safetensors.numpy import load_file  # noqa: E402
 
 import biflow_jax.torch as torch_port  # noqa: E402
-from biflow_jax import config_files, import_torch, runs  # noqa: E402
+from biflow_jax import config_files, runs  # noqa: E402
 from biflow_jax.interop import export_files as export  # noqa: E402
 from biflow_jax.interop.tarflow_layout import (  # noqa: E402
     flow_params_to_state_dict,
@@ -31,6 +31,7 @@ from biflow_jax.interop.tarflow_layout import (  # noqa: E402
 )
 from biflow_jax.models.registry import build_flow  # noqa: E402
 from biflow_jax.models.tarflow import TARFlow, unpatchify  # noqa: E402
+from biflow_jax.modes import import_torch  # noqa: E402
 
 torch.set_default_dtype(torch.float32)
 

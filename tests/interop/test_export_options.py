@@ -24,8 +24,6 @@ torch = pytest.importorskip("torch")
 from safetensors import safe_open  # noqa: E402
 
 import biflow_jax.torch as torch_port  # noqa: E402
-from biflow_jax import export as export_cli  # noqa: E402
-from biflow_jax import import_torch  # noqa: E402
 from biflow_jax.interop import export_files  # noqa: E402
 from biflow_jax.interop.tarflow_layout import (  # noqa: E402
     flow_params_to_state_dict,
@@ -34,6 +32,8 @@ from biflow_jax.interop.tarflow_layout import (  # noqa: E402
     state_dict_to_flow_params,
 )
 from biflow_jax.models.tarflow import build_flow  # noqa: E402
+from biflow_jax.modes import export as export_mode  # noqa: E402
+from biflow_jax.modes import import_torch  # noqa: E402
 from biflow_jax.torch import tarflow as torch_tarflow  # noqa: E402
 
 # Each option alone, then all of them together (the deep block last in forward order, as STARFlow).
@@ -223,19 +223,17 @@ def test_import_of_an_option_checkpoint_into_a_scan_layers_flow(monkeypatch, tmp
         np.testing.assert_array_equal(got, np.asarray(want), err_msg=jax.tree_util.keystr(path))
 
 
-def test_export_cli_notes_that_ml_tarflow_cannot_load_an_option_flow(monkeypatch, tmp_path, capsys):
+def test_export_notes_that_ml_tarflow_cannot_load_an_option_flow(tmp_path):
+    """What the export command prints: the files written, then a note when ml-tarflow cannot read the flow."""
     cfg = config(rope=True, mlp="swiglu")
     params = random_params(build_flow(cfg.model), seed=4)
-    monkeypatch.setattr(export_cli, "export_workdir",
-                        lambda workdir, out, ema: [export_files.export_flow(cfg, params, out)])
-    export_cli.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
-    lines = capsys.readouterr().out.splitlines()
+    lines = export_mode.written_lines([export_files.export_flow(cfg, params, str(tmp_path / "out"))])
+    assert lines[0].startswith("wrote ") and lines[0].endswith(export_files.FORWARD_CONFIG)
     assert lines[-1] == ("note: this flow uses rope, swiglu: biflow_jax.torch.load reads it; "
                          "apple/ml-tarflow's transformer_flow.Model cannot")
     default = config()
-    monkeypatch.setattr(export_cli, "export_workdir", lambda workdir, out, ema: [
-        export_files.export_flow(default, random_params(build_flow(default.model), seed=5), out)])
-    export_cli.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "plain")])
-    assert "note:" not in capsys.readouterr().out
+    plain = random_params(build_flow(default.model), seed=5)
+    written = export_files.export_flow(default, plain, str(tmp_path / "plain"))
+    assert not any(line.startswith("note:") for line in export_mode.written_lines([written]))
     with safe_open(str(tmp_path / "plain" / export_files.FORWARD_WEIGHTS), "np") as f:
         assert f.metadata()["layout"] == "ml-tarflow transformer_flow.Model"

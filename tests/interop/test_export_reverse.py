@@ -14,6 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +31,6 @@ from safetensors.numpy import load_file  # noqa: E402
 import biflow_jax.models.reverse as jax_reverse  # noqa: E402
 import biflow_jax.torch as torch_port  # noqa: E402
 from biflow_jax import checkpoint, runs  # noqa: E402
-from biflow_jax import export as export_cli  # noqa: E402
 from biflow_jax.interop import export_files  # noqa: E402
 from biflow_jax.interop.reverse_layout import (  # noqa: E402
     reverse_layout,
@@ -77,13 +79,21 @@ def make_config(case: str) -> ml_collections.ConfigDict:
     return config
 
 
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def export_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m biflow_jax.export ARGS`, as the README writes it."""
+    return subprocess.run([sys.executable, "-m", "biflow_jax.export", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
 def build(config: ml_collections.ConfigDict) -> jax_reverse.ReverseViT:
     return registry.build_reverse(config.biflow.model, registry.build_flow(config.model))
 
 
 class export:  # noqa: N801  (the export API the tests use, on configs)
     REVERSE_CONFIG, REVERSE_WEIGHTS = export_files.REVERSE_CONFIG, export_files.REVERSE_WEIGHTS
-    main = staticmethod(export_cli.main)
     export_flow = staticmethod(export_files.export_flow)
 
     @staticmethod
@@ -325,12 +335,14 @@ def stage2_job(tmp_path_factory):
     return job, config, flow_params, raw, ema
 
 
-def test_cli_exports_flow_and_reverse_of_a_stage2_run(stage2_job, tmp_path, capsys):
+def test_cli_exports_flow_and_reverse_of_a_stage2_run(stage2_job, tmp_path):
     job, config, flow_params, raw, ema = stage2_job
     cfg = export.reverse_export_config(config)
-    for workdir, flag, want in ((job, "--ema", ema), (job / "reverse", "--no-ema", raw)):
+    for workdir, flag, want in ((job, "--ema", ema), (job / "reverse", "--noema", raw)):
         out = tmp_path / flag
-        export.main(["--workdir", str(workdir), "--out", str(out), flag])
+        done = export_cli(f"--workdir={workdir}", f"--out={out}", flag)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "reverse.safetensors" in done.stdout
         assert sorted(os.listdir(out)) == ["forward.safetensors", "forward_config.json",
                                            "reverse.safetensors", "reverse_config.json"]
         written = load_file(str(out / "reverse.safetensors"))
@@ -339,15 +351,13 @@ def test_cli_exports_flow_and_reverse_of_a_stage2_run(stage2_job, tmp_path, caps
         forward = load_file(str(out / "forward.safetensors"))  # the flow is stage 1's, bit for bit
         np.testing.assert_array_equal(forward["blocks.1.proj_in.weight"],
                                       np.asarray(flow_params["params"]["blocks_1"]["proj_in"]["kernel"]).T)
-    assert "reverse.safetensors" in capsys.readouterr().out
 
 
-def test_cli_stage2_without_its_forward_run_fails_cleanly(stage2_job, tmp_path, capsys):
+def test_cli_stage2_without_its_forward_run_fails_cleanly(stage2_job, tmp_path):
     _, config, _, _, _ = stage2_job
     checkpoint.write_config(str(tmp_path / "reverse"), config)
     runs.write_stage_file(str(tmp_path / "reverse"), "biflow", "biflow", str(tmp_path / "gone"))
-    with pytest.raises(SystemExit) as info:
-        export.main(["--workdir", str(tmp_path / "reverse"), "--out", str(tmp_path / "out")])
-    assert info.value.code == 2
-    assert "gone" in capsys.readouterr().err
+    done = export_cli(f"--workdir={tmp_path / 'reverse'}", f"--out={tmp_path / 'out'}")
+    assert done.returncode == 2
+    assert "gone" in done.stderr
     assert not (tmp_path / "out").exists()
