@@ -21,7 +21,7 @@ import os
 import numpy as np
 import pytest
 import walk_setup
-from conftest import REPO
+from helpers.paths import REPO
 
 from biflow_jax import config_files
 from biflow_jax.evaluators import inception_features

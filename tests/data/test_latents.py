@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from helpers.paths import REPO
 from latent_setup import make_images, make_vae, smoke_config
 from PIL import Image
 

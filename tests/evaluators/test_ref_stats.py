@@ -13,7 +13,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, quick_config
+from helpers.configs import quick_config
+from helpers.paths import REPO
 
 from biflow_jax.data import input_pipeline
 from biflow_jax.evaluators import fid, ref_stats, sample_fid

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import quick_config
+from helpers.configs import quick_config
 from safetensors.numpy import save_file
 
 from biflow_jax.interop import convnext_weights, dino_weights, inception_weights, lpips_weights, vae_weights

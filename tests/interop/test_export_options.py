@@ -21,6 +21,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import helpers.params  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 import biflow_jax.torch as torch_port  # noqa: E402
@@ -136,23 +137,9 @@ def test_import_of_an_ml_tarflow_checkpoint_into_an_option_config_fails_clearly(
 # Flax -> export -> PyTorch: the same flow on both sides.
 
 def random_params(model, seed: int):
-    """Every leaf of the model's exact tree random at a scale that suits its role."""
+    """Every leaf of the model's exact tree random at a scale that suits its role (proj_out's small)."""
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        names = [p.key for p in path]
-        noise = rng.standard_normal(leaf.shape).astype(np.float32)
-        gain = 0.1 if "proj_out" in names else 1.0
-        if names[-1] == "kernel":
-            return jnp.asarray(noise * gain / math.sqrt(leaf.shape[0]))
-        if names[-1] == "scale":
-            return jnp.asarray(1.0 + 0.2 * noise)
-        if names[-1] == "bias":
-            return jnp.asarray(0.1 * gain * noise)
-        return jnp.asarray(0.5 * noise)  # pos_embed, class_embed
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+    return helpers.params.random_params(shapes, seed, {"proj_out": 0.1})
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))

@@ -12,7 +12,6 @@ float64 and round it once, or an ulp in the table would show as ~1e-4 in the cod
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 import subprocess
@@ -26,6 +25,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import helpers.params  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 import biflow_jax.models.reverse as jax_reverse  # noqa: E402
@@ -106,35 +106,18 @@ class export:  # noqa: N801  (the export API the tests use, on configs)
 
 
 def random_params(model: jax_reverse.ReverseViT, seed: int):
-    """Params of the model's exact tree, every leaf random at a scale that suits its role.
-
-    Shapes from `eval_shape`, values from numpy: an eager `model.init` costs seconds.
-    """
+    """Params of the model's exact tree, every leaf random at a scale that suits its role (adaLN's gates,
+    shifts and scales of order 0.5, not 0); shapes from `eval_shape`: an eager `model.init` costs seconds."""
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, model.num_tokens, model.token_dim)),
                             jnp.zeros((1,), jnp.int32), jnp.zeros((1,)))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        names = [p.key for p in path]
-        noise = rng.standard_normal(leaf.shape).astype(np.float32)
-        if names[-1] == "kernel":  # adaLN gates/shifts/scales of order 0.5, not 0
-            gain = 0.5 if "adaln" in names else 1.0
-            return jnp.asarray(noise * gain / math.sqrt(leaf.shape[0]))
-        if names[-1] == "scale":
-            return jnp.asarray(1.0 + 0.2 * noise)
-        if names[-1] == "bias":
-            return jnp.asarray(0.1 * noise)
-        return jnp.asarray(0.5 * noise)  # the label table
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+    return helpers.params.random_params(shapes, seed, {"adaln": 0.5})
 
 
 def random_flow_params(config: ml_collections.ConfigDict):
     """Forward-flow params of the right tree (values do not matter where this is used)."""
     flow = registry.build_flow(config.model)
     shapes = jax.eval_shape(flow.init, jax.random.PRNGKey(0), *registry.flow_example_inputs(config.model))
-    rng = np.random.default_rng(8)
-    return jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
+    return helpers.params.random_params(shapes, seed=8)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
