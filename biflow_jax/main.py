@@ -1,5 +1,10 @@
-"""`python -m biflow_jax.main`, the README's command: the tool is biflow_jax.cli.main."""
-from biflow_jax.cli.main import run
+"""`python -m biflow_jax.main`, as the README writes it: the tool is biflow_jax.cli.main."""
+from absl import flags
+
+from biflow_jax.cli import main as tool
+
+flags.adopt_module_key_flags(tool)  # --helpshort lists the tool's flags
+__doc__ = tool.__doc__  # and absl's usage text is the tool's
 
 if __name__ == "__main__":
-    run()
+    tool.run()
