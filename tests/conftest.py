@@ -1,7 +1,8 @@
-"""Shared test set-up: quiet TensorFlow, exact float32 matmuls on CPU, and tiny configs.
+"""The suite's environment (quiet TensorFlow, CPU, exact float32 matmuls) and its fixtures; nothing else.
 
-Tests mirror the package (tests/models, tests/objectives, ...); this directory is on
-sys.path for all of them (helper modules: torch_reference, multidevice_steps, ...).
+Tests mirror the package (tests/models, tests/objectives, ...); this directory is on sys.path
+for all of them: shared builders are in tests/helpers (tiny configs, random params), other
+helper modules beside the tests (torch_reference, multidevice_steps, ...).
 """
 
 import os
@@ -38,23 +39,10 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers.paths import REPO  # noqa: E402
+
 if REPO not in sys.path:
     sys.path.insert(0, REPO)  # configs/ for tests in subfolders
-
-
-def quick_config(stage: str = "flow", steps: int = 100):
-    """configs/digits.py:quick with `steps` for each stage (checkpoint at half, eval at the end)."""
-    from configs import digits
-
-    config = digits.get_config("quick")
-    config.stage = stage
-    for train in (config.train, config.biflow.train):
-        train.update(steps=steps, checkpoint_every=max(steps // 2, 1), eval_every=steps, log_every=max(steps // 2, 1),
-                     keep_checkpoints=3)
-    config.evals.bpd.every = steps
-    config.biflow.evals.reconstruction.every = steps
-    return config
 
 
 @pytest.fixture

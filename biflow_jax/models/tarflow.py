@@ -100,7 +100,7 @@ def linear(features: int, fan_in: int, dtype: Any, name: str, zero_kernel: bool 
 
 
 def accum_dtype(dtype: Any) -> Any:
-    """float32 for float32/bfloat16 compute (PAPERS.md: LayerNorm and exp in float32); float64 stays."""
+    """float32 for float32/bfloat16 compute (arXiv:2412.06329: LayerNorm and exp in float32); float64 stays."""
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 

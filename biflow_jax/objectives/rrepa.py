@@ -1,4 +1,4 @@
-"""R-REPA: align flow hidden states with frozen DINOv2 patch features (PAPERS.md section 2).
+"""R-REPA: align flow hidden states with frozen DINOv2 patch features (arXiv:2511.22345).
 
 Loss = NLL + align.weight * mean over locations of -mean_p cos(v_p, proj(h)_p), where v
 are DINOv2 patch tokens of the clean image and h the hidden state after layer l of flow
@@ -15,7 +15,7 @@ so features are in raster order like the DINO grid. When the token grid and the 
 grid differ, the projected features are resized to the DINO grid (area mean when the
 DINO grid divides the token grid, else linear interpolation, antialiased).
 
-Gradient modes (PAPERS.md section 2):
+Gradient modes (arXiv:2511.22345; docs/rrepa.md):
 - forward: features from the ordinary forward pass; gradients reach block t and every
   earlier block (through its input x^{t-1}).
 - detach: block t runs again on stop_gradient(x^{t-1}); only block t and the projector learn.
