@@ -37,6 +37,7 @@ def main():
     assert jax.device_count() == 8, jax.devices()
     config = digits.get_config("quick")
     config.train.batch_size = 32
+    config.model.update(num_blocks=2, layers_per_block=1, channels=32, head_dim=32)  # compile-bound: a small flow
     config.parallel.backend = sys.argv[1] if len(sys.argv) > 1 else "jit"
     it = input_pipeline.train_batches(config.data, config.train.batch_size, config.train.seed)
     batches = [next(it) for _ in range(3)]
