@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from biflow_jax import architecture
 from biflow_jax.models.attention import attention
 from biflow_jax.models.dense import flat_dot_general
 
@@ -168,12 +169,6 @@ class SwiGLU(nn.Module):
         return dense(self.width, self.dtype, "down")(nn.silu(gate) * up)
 
 
-def swiglu_hidden(width: int, mlp_ratio: float) -> int:
-    """2/3 of the GELU-MLP hidden width (equal parameter count), rounded up to a multiple of 8."""
-    hidden = int(2 * mlp_ratio * width / 3)
-    return -(-hidden // 8) * 8
-
-
 class ReverseBlock(nn.Module):
     """One transformer layer with adaLN-zero: x + gate * f(modulate(norm(x))) for attention and MLP.
 
@@ -193,7 +188,7 @@ class ReverseBlock(nn.Module):
         h = modulate(rms_norm(x), shift_a, scale_a)
         x = x + gate_a * Attention(self.width, self.heads, self.dtype, name="attention")(h, angles)
         h = modulate(rms_norm(x), shift_m, scale_m)
-        hidden = swiglu_hidden(self.width, self.mlp_ratio)
+        hidden = architecture.swiglu_hidden(self.width, self.mlp_ratio)
         return x + gate_m * SwiGLU(self.width, hidden, self.dtype, name="mlp")(h)
 
 
@@ -219,14 +214,6 @@ class StageHead(nn.Module):
         else:
             h = RMSNorm(name="norm")(h)
         return dense(self.token_dim, self.dtype, "proj", zero=True)(h).astype(jnp.float32)
-
-
-def even_stage_split(depth: int, num_stages: int) -> tuple[int, ...]:
-    """`depth` layers over `num_stages` stages; the first `depth % num_stages` stages get one more."""
-    if depth < num_stages:
-        raise ValueError(f"depth={depth} is smaller than the number of stages {num_stages}; every stage needs a layer")
-    base, extra = divmod(depth, num_stages)
-    return tuple(base + (k < extra) for k in range(num_stages))
 
 
 class ReverseViT(nn.Module):
@@ -258,13 +245,7 @@ class ReverseViT(nn.Module):
 
     @property
     def stage_sizes(self) -> tuple[int, ...]:
-        if self.layers_per_stage is None:
-            return even_stage_split(self.depth, self.num_stages)
-        sizes = tuple(int(s) for s in self.layers_per_stage)
-        if len(sizes) != self.num_stages or min(sizes) < 1:
-            raise ValueError(f"layers_per_stage={sizes} must list {self.num_stages} positive layer counts "
-                             f"(num_forward_blocks + 1)")
-        return sizes
+        return architecture.stage_sizes(self.depth, self.num_forward_blocks, self.layers_per_stage)
 
     @property
     def grid(self) -> int:

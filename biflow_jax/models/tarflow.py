@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from biflow_jax import architecture
 from biflow_jax.models.attention import apply_rope, causal_attention, decode_attention, rope_tables
 from biflow_jax.models.dense import flat_dot_general
 
@@ -55,7 +56,6 @@ Array = jax.Array
 # With scan_layers a single such tuple, every array stacked over the layers (L, N, heads, rows, head_dim).
 LayerCache = tuple[Array, Array, Array, Array]
 KVCache = tuple[LayerCache, ...]
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 def patchify(x: Array, patch_size: int) -> Array:
@@ -114,14 +114,6 @@ def soft_clip(a: Array, clip: float) -> Array:
     if clip <= 0:
         return a
     return clip * jnp.tanh(a / clip)
-
-
-# The optional `config.model` keys and their defaults (the ml-tarflow model): a run saved before a key
-# existed is read with its default.
-OPTION_DEFAULTS = dict(scan_layers=False, remat="none", rope=False, norm="layernorm", qk_norm=False, mlp="gelu",
-                       block_layers=(), clip_shift=False)
-NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu", "geglu_starflow")
 
 
 def make_norm(kind: str, dtype: Any, name: str) -> nn.Module:
@@ -219,12 +211,6 @@ class MLP(nn.Module):
         return linear(self.channels, self.channels * self.expansion, self.dtype, "main_2")(h)
 
 
-def swiglu_hidden(channels: int, expansion: int) -> int:
-    """SwiGLU's hidden width: 2/3 of the GELU MLP's (same parameter count), rounded up to a multiple of 8."""
-    raw = -(-2 * expansion * channels // 3)  # ceil(2 e c / 3)
-    return -(-raw // 8) * 8
-
-
 class SwiGLU(nn.Module):
     """Pre-norm gated MLP, down(silu(gate) * up) (Shazeer, arXiv:2002.05202); `gate_up` holds
     [gate | up] side by side so one matmul computes both."""
@@ -236,7 +222,7 @@ class SwiGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        hidden = swiglu_hidden(self.channels, self.expansion)
+        hidden = architecture.swiglu_hidden(self.channels, self.expansion)
         h = layer_norm(x, make_norm(self.norm_kind, self.dtype, "norm"))
         gate, up = jnp.split(linear(2 * hidden, self.channels, self.dtype, "gate_up")(h), 2, axis=-1)
         return linear(self.channels, hidden, self.dtype, "down")(jax.nn.silu(gate) * up)
@@ -297,8 +283,8 @@ class AttentionBlock(nn.Module):
 
 def remat_policy(name: str):
     """`model.remat` -> (rematerialise?, jax.checkpoint policy)."""
-    if name not in REMAT_POLICIES:
-        raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {name!r}")
+    if name not in architecture.REMAT_POLICIES:
+        raise ValueError(f"model.remat must be one of {architecture.REMAT_POLICIES}, got {name!r}")
     policies = {"none": None, "full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
                 "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
     return name != "none", policies[name]
@@ -505,7 +491,7 @@ class TARFlow(nn.Module):
     @property
     def layer_counts(self) -> tuple[int, ...]:
         """Layers of each block, in forward (data -> noise) order."""
-        return tuple(self.block_layers) or (self.layers_per_block,) * self.num_blocks
+        return architecture.layer_counts(self.num_blocks, self.layers_per_block, self.block_layers)
 
     @property
     def num_tokens(self) -> int:
@@ -518,11 +504,12 @@ class TARFlow(nn.Module):
     def setup(self):
         if self.img_size % self.patch_size:
             raise ValueError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}")
-        check_options(self.num_blocks, self.head_dim, self.rope, self.norm, self.mlp, self.block_layers)
+        architecture.check_flow_options(self.num_blocks, self.head_dim, self.rope, self.norm, self.mlp,
+                                        self.block_layers, self.remat)
         self.blocks = [
             MetaBlock(
                 token_dim=self.token_dim, channels=self.channels, num_tokens=self.num_tokens,
-                num_layers=layers, flip=bool(i % 2), num_classes=self.num_classes,
+                num_layers=layers, flip=architecture.block_flipped(i), num_classes=self.num_classes,
                 head_dim=self.head_dim, expansion=self.expansion, clip=self.clip, dtype=self.dtype,
                 scan_layers=self.scan_layers, remat=self.remat, rope=self.rope, norm_kind=self.norm,
                 qk_norm=self.qk_norm, mlp_kind=self.mlp, clip_shift=self.clip_shift, name=f"blocks_{i}",
@@ -568,20 +555,6 @@ class TARFlow(nn.Module):
         return tuple(block.init_cache(batch, dtype, rows) for block in self.blocks)
 
 
-def check_options(num_blocks: int, head_dim: int, rope: bool, norm: str, mlp: str,
-                  block_layers: tuple[int, ...]) -> None:
-    """Raise ValueError naming the `model.*` key of an unusable improved-flow option."""
-    if norm not in NORMS:
-        raise ValueError(f"model.norm must be one of {NORMS}, got {norm!r}")
-    if mlp not in MLPS:
-        raise ValueError(f"model.mlp must be one of {MLPS}, got {mlp!r}")
-    if rope and head_dim % 4:
-        raise ValueError(f"model.rope needs model.head_dim divisible by 4 (2D RoPE), got {head_dim}")
-    if block_layers and (len(block_layers) != num_blocks or min(block_layers) < 1):
-        raise ValueError(f"model.block_layers must give num_blocks={num_blocks} positive layer counts, "
-                         f"got {tuple(block_layers)}")
-
-
 def advance_cache(cache: KVCache, rows: int) -> KVCache:
     """Start the next decode segment: the filled chunk joins the past, and a zero chunk of
     `rows` positions follows it (static shapes: a segment's loop reads a fixed-length prefix)."""
@@ -602,22 +575,13 @@ def build_flow(cfg: Any) -> TARFlow:
     `block_layers`, `clip_shift`) are optional keys whose defaults build the ml-tarflow model, so older
     configs build the same model as before.
     """
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
-    if cfg["dtype"] not in dtypes:
-        raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {cfg['dtype']!r}")
-    remat = cfg.get("remat", "none") or "none"
-    remat_policy(remat)
-    block_layers = tuple(int(n) for n in (cfg.get("block_layers", ()) or ()))
-    check_options(cfg["num_blocks"], cfg["head_dim"], bool(cfg.get("rope", False)),
-                  cfg.get("norm", "layernorm") or "layernorm", cfg.get("mlp", "gelu") or "gelu", block_layers)
+    dtype = getattr(jnp, architecture.check_dtype(cfg["dtype"], "model.dtype"))
+    options = architecture.flow_options(cfg)
     return TARFlow(
         img_size=cfg["img_size"], in_channels=cfg["in_channels"], patch_size=cfg["patch_size"],
         channels=cfg["channels"], num_blocks=cfg["num_blocks"], layers_per_block=cfg["layers_per_block"],
         num_classes=cfg["num_classes"], head_dim=cfg["head_dim"], expansion=cfg["expansion"],
-        clip=cfg["clip"], dtype=dtypes[cfg["dtype"]], scan_layers=bool(cfg.get("scan_layers", False)),
-        remat=remat, rope=bool(cfg.get("rope", False)), norm=cfg.get("norm", "layernorm") or "layernorm",
-        qk_norm=bool(cfg.get("qk_norm", False)), mlp=cfg.get("mlp", "gelu") or "gelu",
-        block_layers=block_layers, clip_shift=bool(cfg.get("clip_shift", False)),
+        clip=cfg["clip"], dtype=dtype, **options,
     )
 
 

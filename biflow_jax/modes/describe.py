@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from biflow_jax import architecture
 from biflow_jax.models import registry
 from biflow_jax.objectives import biflow
 
@@ -50,10 +51,10 @@ def describe_flow(config: ml_collections.ConfigDict) -> dict[str, Any]:
     grid = config.model.img_size // config.model.patch_size
     layers = (f"{model.layers_per_block} layers" if not model.block_layers
               else f"({', '.join(map(str, model.block_layers))}) layers")
-    options = [name for name, on in (("RoPE", model.rope), ("RMSNorm", model.norm == "rmsnorm"),
-                                     ("QK-norm", model.qk_norm), ("SwiGLU (ours)", model.mlp == "swiglu"),
-                                     ("STARFlow's GEGLU MLP", model.mlp == "geglu_starflow"),
-                                     (f"soft clip {model.clip:g} of log-scale and shift", model.clip_shift)) if on]
+    labels = {"rope": "RoPE", "rmsnorm": "RMSNorm", "qk_norm": "QK-norm", "swiglu": "SwiGLU (ours)",
+              "geglu_starflow": "STARFlow's GEGLU MLP",
+              "clip_shift": f"soft clip {model.clip:g} of log-scale and shift"}
+    options = [labels[name] for name in architecture.options_in_use(config.model) if name in labels]
     return {"name": "flow", "model": f"{config.model.get('name', 'tarflow')} {model.num_blocks} blocks x "
             f"{layers}, width {model.channels}, patch {model.patch_size}" + "".join(f", {o}" for o in options),
             "params": count(params), "classes": model.num_classes, "tokens": model.num_tokens,

@@ -15,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from biflow_jax.architecture import swiglu_hidden
 from biflow_jax.errors import ConfigError
 from biflow_jax.evaluators import classify
 from biflow_jax.models import registry
 from biflow_jax.models.attention import apply_rope, rope_tables
-from biflow_jax.models.tarflow import StarflowGatedMLP, SwiGLU, TARFlow, stack_layer_params, swiglu_hidden
+from biflow_jax.models.tarflow import StarflowGatedMLP, SwiGLU, TARFlow, stack_layer_params
 from biflow_jax.samplers import exact_inverse
 
 BASE = dict(name="tarflow", img_size=8, in_channels=1, patch_size=2, channels=32, num_blocks=2,
