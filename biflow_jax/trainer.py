@@ -76,14 +76,9 @@ def make_train_step(loss_fn: Callable, optimizer, train: ml_collections.ConfigDi
     """
     step = functools.partial(device_step, loss_fn=loss_fn, optimizer=optimizer, ema_decay=train.ema_decay,
                              ema_warmup=train.get("ema_warmup", True), seed=train.seed)
-    backend, fsdp = parallel.backend, parallel.get("fsdp", False)
-    if backend == "jit":
-        return sharding.fully_sharded(step, mesh) if fsdp else sharding.replicated_jit(step, mesh)
-    if backend == "pmap":
-        if fsdp:
-            raise ValueError("parallel.fsdp=True needs parallel.backend='jit' (pmap keeps a whole state per device)")
+    if parallel.backend == "pmap":  # `parallel` is checked once, by config_checks.validate_parallel
         return sharding.pmapped(step, mesh)
-    raise ValueError(f"parallel.backend={backend!r} is not supported (use 'jit' or 'pmap')")
+    return sharding.fully_sharded(step, mesh) if parallel.get("fsdp", False) else sharding.replicated_jit(step, mesh)
 
 
 def fresh_state(objective: Objective, optimizer, seed: int) -> TrainState:

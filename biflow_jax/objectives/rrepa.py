@@ -71,24 +71,6 @@ GRADIENT_MODES = ("reverse", "forward", "detach")
 TINY_ENCODER = "tiny"
 
 
-def default_align_config() -> ml_collections.ConfigDict:
-    """The `config.align` section, disabled; configs that align override it."""
-    return ml_collections.ConfigDict(dict(
-        enabled=False,
-        locations=[(7, 6), (8, 6)],  # 1-indexed (block in forward order, layer)
-        weight=0.1,
-        mode="reverse",
-        reverse_passes=1,
-        projector_hidden=1024,
-        encoder="vitb14",  # one of DINO_SIZES, or 'tiny' (random init only)
-        weights="",  # transformers checkpoint directory or torch-hub .pth file
-        random_init=False,  # a random encoder instead of weights: for tests and benches only
-        registers=False,  # for .pth files: the 4-register variant
-        resolution=224,
-        dtype="float32",  # DINOv2 compute dtype: 'float32' or 'bfloat16'
-    ))
-
-
 def parse_locations(locations: Sequence[Sequence[int]]) -> tuple[Location, ...]:
     """Config locations (lists from JSON or tuples) -> sorted unique (block, layer) pairs."""
     return tuple(sorted({(int(b), int(l)) for b, l in locations}))
@@ -383,8 +365,7 @@ def alignment_loss(projector: Projector, projector_params: dict, hiddens: dict[L
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Config checks, and the DINOv2 weights exist: a missing file stops the run before it writes."""
-    validate_flow_stage(config)
-    latent_space.validate(config)
+    validate_flow_stage(config)  # latent_space.validate runs once, in modes.train.validate
     validate_align(config)
     align = config.align
     if not align.weights and not align.random_init:
