@@ -29,6 +29,7 @@ from biflow_jax import checkpoint, optim, provenance, runs, sharding, workdir_lo
 from biflow_jax.console import is_main_process, say
 from biflow_jax.data import input_pipeline
 from biflow_jax.errors import TrainingError, require
+from biflow_jax.models.param_trees import count_params
 from biflow_jax.objectives import Objective
 
 
@@ -252,10 +253,6 @@ class Pace:
         eta = int(round((self.total - step) / rate)) if rate > 0 else 0
         return f"{rate:.1f} steps/s, ETA {eta // 3600}h{eta // 60 % 60:02d}m" if eta >= 3600 else \
             f"{rate:.1f} steps/s, ETA {eta // 60}m{eta % 60:02d}s"
-
-
-def count_params(params: Any) -> int:
-    return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
 
 
 def check_finite(state: TrainState, step: int, verified: int | None = -1) -> None:

@@ -212,7 +212,7 @@ def flow_params_to_state_dict(params: Mapping[str, Any], model_cfg: Any) -> dict
     """Flax flow params -> ml-tarflow state_dict (buffers `attn_mask` and `var` included).
 
     `model.scan_layers` params (layers stacked under `attn_blocks`) are unstacked first."""
-    from biflow_jax.models.tarflow import unstack_layer_params  # lazy: this module stays numpy-only
+    from biflow_jax.models.param_trees import unstack_layer_params  # lazy: this module stays numpy-only
 
     return params_to_state_dict(unstack_layer_params(params), state_dict_layout(model_cfg), "flow", _buffer_value)
 
@@ -232,7 +232,7 @@ def state_dict_to_flow_params(state_dict: Mapping[str, Any], model_cfg: Any) -> 
     """
     params = state_dict_to_params(state_dict, state_dict_layout(model_cfg), _check_flow_buffer)
     if model_cfg.get("scan_layers", False):  # the nn.scan layout: layers stacked on a leading axis
-        from biflow_jax.models.tarflow import stack_layer_params
+        from biflow_jax.models.param_trees import stack_layer_params
 
         params = jax_tree_to_numpy(stack_layer_params(params))
     return params

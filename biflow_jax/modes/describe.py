@@ -20,13 +20,10 @@ import ml_collections
 
 from biflow_jax import architecture
 from biflow_jax.models import registry
+from biflow_jax.models.param_trees import count_params
 from biflow_jax.objectives import biflow
 
 FLOP_BATCH = 2  # images per traced batch; FLOPs are divided by it
-
-
-def count(tree: Any) -> int:
-    return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
 
 
 def flops(fn: Any, *args: Any) -> float | None:
@@ -57,7 +54,7 @@ def describe_flow(config: ml_collections.ConfigDict) -> dict[str, Any]:
     options = [labels[name] for name in architecture.options_in_use(config.model) if name in labels]
     return {"name": "flow", "model": f"{config.model.get('name', 'tarflow')} {model.num_blocks} blocks x "
             f"{layers}, width {model.channels}, patch {model.patch_size}" + "".join(f", {o}" for o in options),
-            "params": count(params), "classes": model.num_classes, "tokens": model.num_tokens,
+            "params": count_params(params), "classes": model.num_classes, "tokens": model.num_tokens,
             "token_grid": [grid, grid], "token_dim": model.token_dim,
             "flops_per_image": None if f is None else f / FLOP_BATCH}
 
@@ -76,7 +73,7 @@ def describe_biflow(config: ml_collections.ConfigDict) -> dict[str, Any]:
     grid = config.model.img_size // config.model.patch_size
     return {"name": "biflow", "model": f"ReverseViT {config.biflow.model.variant}: depth {fields['depth']}, "
             f"width {fields['width']}, {fields['heads']} heads, {reverse.num_stages} stages",
-            "params": count(params), "classes": reverse.num_classes, "tokens": reverse.num_tokens,
+            "params": count_params(params), "classes": reverse.num_classes, "tokens": reverse.num_tokens,
             "token_grid": [grid, grid], "token_dim": reverse.token_dim,
             "flops_per_image": None if f is None else f / FLOP_BATCH}
 
