@@ -1,6 +1,7 @@
-"""TARFlow: the forward normalizing flow (data -> noise) of Zhai et al. (2024).
+"""TARFlow: the forward normalizing flow (data -> noise) of Zhai et al. (arXiv:2412.06329).
 
-The whole flow in one file, with names that follow the paper and apple/ml-tarflow
+The flow's blocks and builder; the layers it shares with G are `models/layers.py`, its
+widths and options `biflow_jax.architecture`. Names that follow the paper and apple/ml-tarflow
 so that exporting to that PyTorch reference is a rename and a transpose:
 `blocks_{i}` <-> `blocks.{i}`, `attn_blocks_{l}` <-> `attn_blocks.{l}`,
 `main_0`/`main_2` <-> `main.0`/`main.2`; Dense kernels are torch weights transposed.
@@ -9,17 +10,14 @@ Images are NHWC here (JAX convention); tokens keep torch `unfold`'s channel-majo
 order inside a patch, (c, i, j), so exported weights work on NCHW inputs there.
 
 Performance notes (profiled on CPU, kept accelerator-ready):
-- the attention kernels (CPU and accelerator paths) live in `models/attention.py`;
-- every Dense contracts on a 2D (N*T, C) view (`models/dense.py`), so the kernel gradients are
-  plain GEMMs on XLA:CPU's fast dot path;
-- exact GELU as 0.5 x (1 + erf(x / sqrt 2)) (torch's formula): `jax.nn.gelu(approximate=False)`
-  goes through erfc, about 2.5x slower on CPU;
+- the attention kernels (CPU and accelerator paths) live in `models/attention.py`, the
+  2D-view Dense and exact-GELU formula in `models/layers.py`;
 - the KV cache is (N, heads, rows, head_dim), split into a read-only `past` and the
   `chunk` a decode loop fills (`Attention.decode`, `advance_cache`): a sampler that splits
   its token loop into segments attends only to the filled prefix, and XLA's per-step copy
   of the loop-carried cache (CPU copy insertion) shrinks to the chunk;
 - `scan_layers` puts each block's layers under `nn.scan` (params stacked on a leading
-  axis: convert with `stack_layer_params` / `unstack_layer_params`), and `remat`
+  axis: convert with `models/param_trees.py`), and `remat`
   ("none" | "full" | "dots") rematerialises each layer in the backward pass.
 
 Improved-TARFlow options (STARFlow arXiv:2506.06276, R-REPA arXiv:2511.22345), each off by

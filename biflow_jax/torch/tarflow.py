@@ -74,7 +74,7 @@ def rope_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, t
     pos * base^(-i / (head_dim / 4)) (`architecture.FLOW_ROPE`) ("rotate-half" pairing within each half)."""
     quarter = head_dim // 4
     exponents = -torch.arange(quarter, dtype=torch.float32, device=positions.device) / quarter
-    freqs = architecture.FLOW_ROPE["base"] ** exponents
+    freqs = architecture.FLOW_ROPE["base"] ** exponents  # float32 on the device (MPS has no float64)
     row = positions[:, :1].float() * freqs
     col = positions[:, 1:].float() * freqs
     angles = torch.cat([row, row, col, col], dim=-1)
