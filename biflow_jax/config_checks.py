@@ -45,6 +45,7 @@ def check_dtype(name: str, key: str) -> None:
 
 
 def validate_parallel(config: Any) -> None:
+    """The device layout, checked once for all stages (`modes.train.validate`); the step builder only routes."""
     require(config.parallel.backend in ("jit", "pmap"),
             f"parallel.backend={config.parallel.backend!r} must be 'jit' or 'pmap'")
     require(not (config.parallel.get("fsdp", False) and config.parallel.backend == "pmap"),
@@ -68,4 +69,3 @@ def validate_flow_stage(config: Any) -> None:
     require(t.noise in NOISE_TYPES, f"train.noise={t.noise!r} must be one of {NOISE_TYPES}")
     require(0.0 <= t.label_drop < 1.0, f"train.label_drop={t.label_drop} must be in [0, 1)")
     validate_loop(t, config.optim, "train")
-    validate_parallel(config)

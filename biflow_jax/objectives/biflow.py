@@ -31,7 +31,7 @@ import ml_collections
 
 from biflow_jax import latent_space, likelihood
 from biflow_jax.checkpoint import section_differences
-from biflow_jax.config_checks import validate_loop, validate_parallel
+from biflow_jax.config_checks import validate_loop
 from biflow_jax.errors import ConfigError, require
 from biflow_jax.models import registry
 from biflow_jax.models.reverse import ReverseViT
@@ -204,7 +204,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "perceptual" in b:
         perceptual.validate(b.perceptual)  # every missing weights file, named, before anything is written
     validate_loop(b.train, b.optim, "biflow.train")
-    validate_parallel(config)
 
 
 def check_flow_matches(config: ml_collections.ConfigDict, flow_config: ml_collections.ConfigDict,

@@ -159,11 +159,8 @@ class MLP(nn.Module):
     def __init__(self, channels: int, expansion: int = 4, norm: str = "layernorm"):
         super().__init__()
         self.norm = make_norm(norm, channels)
-        self.main = nn.Sequential(
-            nn.Linear(channels, channels * expansion),
-            nn.GELU(),
-            nn.Linear(channels * expansion, channels),
-        )
+        hidden = architecture.mlp_hidden("gelu", channels, expansion)
+        self.main = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.main(norm_float32(self.norm, x))
@@ -174,7 +171,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, channels: int, expansion: int = 4, norm: str = "layernorm"):
         super().__init__()
-        hidden = architecture.swiglu_hidden(channels, expansion)
+        hidden = architecture.mlp_hidden("swiglu", channels, expansion)
         self.norm = make_norm(norm, channels)
         self.gate_up = nn.Linear(channels, 2 * hidden)
         self.down = nn.Linear(hidden, channels)
@@ -190,9 +187,10 @@ class StarflowGatedMLP(nn.Module):
     def __init__(self, channels: int, expansion: int = 4, norm: str = "layernorm"):
         super().__init__()
         self.norm = make_norm(norm, channels)
-        self.gate_proj = nn.Linear(channels, channels * expansion)
-        self.up_proj = nn.Linear(channels, channels * expansion)
-        self.down_proj = nn.Linear(channels * expansion, channels)
+        hidden = architecture.mlp_hidden("geglu_starflow", channels, expansion)
+        self.gate_proj = nn.Linear(channels, hidden)
+        self.up_proj = nn.Linear(channels, hidden)
+        self.down_proj = nn.Linear(hidden, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = norm_float32(self.norm, x)
