@@ -27,6 +27,7 @@ import os
 import sys
 
 ENV_VAR = "BIFLOW_KEEP_HOST_MEMORY"
+_kept = False  # set by keep_freed_memory: whether this process runs with the settings
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -58,13 +59,21 @@ def cpu_runs_the_steps() -> bool:
     return not any(accelerator_present(name) for name in ACCELERATOR_PLUGINS)
 
 
+def kept() -> bool:
+    """Whether keep_freed_memory took in this process (the command-line tools call it; importing does not)."""
+    return _kept
+
+
 def keep_freed_memory() -> bool:
     """Set glibc's malloc to one arena, no mmap'd blocks and no trimming; True if it took.
 
+    A process-wide setting, so only the command-line entry points (biflow_jax.cli) call it: a
+    library user who imports biflow_jax (or biflow_jax.torch) keeps the process's own malloc.
     Call it before JAX first runs anything: a thread that has already allocated keeps its
     own arena, and XLA's worker threads start with the first computation. The trim
     threshold is passed as -1, which glibc reads as SIZE_MAX (never trim).
     """
+    global _kept
     choice = os.environ.get(ENV_VAR, "")
     if choice == "0" or not sys.platform.startswith("linux") or (choice != "1" and not cpu_runs_the_steps()):
         return False
@@ -79,4 +88,5 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
-    return all(mallopt(param, value) == 1 for param, value in settings)
+    _kept = all(mallopt(param, value) == 1 for param, value in settings)
+    return _kept

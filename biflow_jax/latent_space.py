@@ -2,7 +2,7 @@
 
 BiFlow (arXiv:2512.10953), R-REPA (arXiv:2511.22345) and STARFlow (arXiv:2506.06276) train
 their ImageNet-256 flows on Stable Diffusion VAE latents (32x32x4, patch 2). A latent run's
-data are the VAE posteriors encoded once by `python -m biflow_jax.data.latents`: every
+data are the VAE posteriors encoded once by `python -m biflow_jax.cli.encode_latents`: every
 example holds the posterior mean and std (unscaled). Inside the jitted step each example
 draws its own latent z = mean + std * eps and scales it, (z - shift) * scale, which is the
 "image" the flow and G see; the flow's Gaussian noise (train.noise_std: R-REPA 0.2,
@@ -72,7 +72,7 @@ def validate(config: Any) -> None:
     raw = vae_json(latent)
     channels = int(raw.get("latent_channels", 4))
     require(data.name == "latents", f"latent.enabled=True needs data.name='latents' (the encoded dataset; "
-            f"write it with `python -m biflow_jax.data.latents`), got data.name={data.name!r}")
+            f"write it with `python -m biflow_jax.cli.encode_latents`), got data.name={data.name!r}")
     require(data.channels == channels, f"data.channels={data.channels} differs from the VAE's latent_channels="
             f"{channels} ({latent.vae_path})")
     require(config.train.noise == "gaussian", f"train.noise={config.train.noise!r}: latent runs add Gaussian noise "

@@ -1,8 +1,9 @@
 """The one training loop for every stage: jitted steps on a device mesh, EMA, Orbax, evaluators.
 
-Reads top to bottom: `run` validates nothing and knows no stage; it gets an Objective
-(what to optimise, biflow_jax.objectives), a list of evaluators (biflow_jax.evaluators)
-and the stage's own `train` / `optim` config sections. The step is written once, per
+Reads top to bottom: `run` gets an Objective (what to optimise, biflow_jax.objectives), a
+list of evaluators (biflow_jax.evaluators) and the stage's name, which only picks the stage's
+own `train` / `optim` config sections (`loop_sections`) and is recorded in the workdir's
+stage.json; which checkpoints are kept is `checkpoint_keeper`'s rule. The step is written once, per
 device, with named-axis collectives; `sharding.py` runs it as `shard_map` under `jit`,
 `pmap`, or fully sharded. Every example draws its noise from a key folded with its
 global index, so results do not depend on how the batch is split over devices.
@@ -19,16 +20,16 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from biflow_jax import checkpoint, optim, provenance, runs, sharding, workdir_lock
+from biflow_jax.checkpoint_keeper import CheckpointKeeper, check_finite
 from biflow_jax.console import is_main_process, say
 from biflow_jax.data import input_pipeline
-from biflow_jax.errors import TrainingError, require
+from biflow_jax.errors import require
 from biflow_jax.models.param_trees import count_params
 from biflow_jax.objectives import Objective
 
@@ -153,7 +154,7 @@ def train_locked(objective: Objective, evaluators: Sequence[Any], config: ml_col
     mesh = mesh or sharding.make_mesh()
     optimizer = optim.make_optimizer(optim_cfg, train.steps)
 
-    mngr = checkpoint.manager(workdir, keep=None)  # pruned here, once a newer step's loss is seen finite
+    mngr = checkpoint.manager(workdir, keep=None)  # pruned by the CheckpointKeeper, once a step is verified
     latest = mngr.latest_step()
     if latest is not None:
         check_same_run(workdir, config, objective.same_run_keys)
@@ -201,15 +202,12 @@ def train_locked(objective: Objective, evaluators: Sequence[Any], config: ml_col
 
     results: dict[str, float] = {}
     pace = Pace(start, train.steps)
-    # The loss of the params saved at step s is step s+1's loss: until it is seen finite, s is `unverified`
-    # and the newest verified step is kept whatever keep_checkpoints says (a NaN at s+1 deletes s).
-    verified, unverified = (None if latest is None else start), None
+    keeper = CheckpointKeeper(mngr, train.keep_checkpoints, restored=None if latest is None else start)
     for step in range(start + 1, train.steps + 1):
         batch = train_step.put_batch(next(batches))
         state, metrics = train_step(state, batch, frozen)
         report(step)
-        if unverified is not None or (step == start + 1 and latest is not None):
-            verified, unverified = verify_saved(mngr, state, step, verified, unverified, train.keep_checkpoints)
+        keeper.after_step(state, step)
         if step % train.log_every == 0 or step == train.steps:
             metrics = jax.device_get(metrics)  # the loop's only host sync, besides eval and saving
             check_finite(state, step)
@@ -217,24 +215,15 @@ def train_locked(objective: Objective, evaluators: Sequence[Any], config: ml_col
             writer.write_scalars(step, {**{f"train/{k}": v for k, v in metrics.items()}, "train/learning_rate": lr})
             say(f"step {step}/{train.steps}: loss {metrics['loss']:.4f} grad_norm {metrics['grad_norm']:.3f} "
                 f"lr {lr:.2e} | {pace(step)}")
-        if step % train.checkpoint_every == 0 or step == train.steps:  # saved before evaluating: a failing
-            # evaluator (e.g. a test image that does not decode) loses no training
-            check_finite(state, step, verified)
-            saved = train_step.from_backend(state)  # global arrays, whatever the backend
-            if not all_finite((saved.params, saved.ema_params)):
-                raise TrainingError(f"the params became NaN/inf at step {step}; stopping without saving "
-                                    f"({last_good_text(verified)}). Lower the learning rate or set grad_clip.")
-            checkpoint.save_and_wait(mngr, step, saved.params, saved.ema_params, saved.opt_state, data_position=step,
-                                     last_good=verified)
-            unverified = step
-            checkpoint.prune(mngr, train.keep_checkpoints, unverified=step)
+        if step % train.checkpoint_every == 0 or step == train.steps:  # before evaluating: a failing evaluator
+            keeper.save(step, state, train_step.from_backend)  # (a test image that does not decode) loses nothing
         results = evaluate(step, final=step == train.steps) or results
     mngr.wait_until_finished()
     if not results:  # the run was already complete: report its final state
         results = evaluate(train.steps, final=True)
-    if unverified is not None:  # the final save: its loss is the next step's, taken here and not applied
+    if keeper.waiting:  # the final save: its loss is the next step's, taken here and not applied
         state, _ = train_step(state, train_step.put_batch(next(batches)), frozen)  # `state` is not used after
-        verify_saved(mngr, state, train.steps + 1, verified, unverified, train.keep_checkpoints)
+        keeper.after_step(state, train.steps + 1)
     mngr.close()
     writer.flush()
     return results
@@ -255,43 +244,6 @@ class Pace:
             f"{rate:.1f} steps/s, ETA {eta // 60}m{eta % 60:02d}s"
 
 
-def check_finite(state: TrainState, step: int, verified: int | None = -1) -> None:
-    if int(np.max(jax.device_get(state.nonfinite))):  # pmap: one count per device
-        raise TrainingError(f"the loss became NaN/inf before step {step}; stopping without saving "
-                            f"({last_good_text(verified)}). Lower the learning rate or set grad_clip.")
-
-
-def last_good_text(verified: int | None) -> str:
-    if verified is None:
-        return "no checkpoint was saved"
-    if verified < 0:
-        return "the newest checkpoint is the last good one"
-    return f"the last good checkpoint is step {verified}"
-
-
-@jax.jit
-def all_finite(tree: Any) -> jax.Array:
-    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
-
-
-def verify_saved(mngr, state: TrainState, step: int, verified: int | None, unverified: int | None,
-                 keep: int) -> tuple[int | None, int | None]:
-    """(verified, unverified) after seeing step `step`'s loss, the first computed with the params saved (or
-    restored) at step-1: finite, the unverified step becomes the newest verified one and older steps are
-    pruned; not finite, that step is deleted (if this run saved it) and the run stops naming the good one."""
-    if not int(np.max(jax.device_get(state.nonfinite))):
-        if unverified is None:
-            return verified, None
-        checkpoint.prune(mngr, keep)
-        return unverified, None
-    if unverified is None:  # the restored step: saved by an earlier run, not deleted here
-        raise TrainingError(f"checkpoint step {step - 1} gives a non-finite loss at step {step} (the run that "
-                            "saved it diverged); delete that step to resume from an older one")
-    mngr.delete(unverified)
-    raise TrainingError(f"the loss became NaN/inf at step {step}: the params saved at step {unverified} diverged, "
-                        f"so that checkpoint is deleted ({last_good_text(verified)}). Lower the learning rate or "
-                        "set grad_clip.")
 
 
 def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -28,7 +28,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                 ema_decay=0.9999, eval_every=10_000, checkpoint_every=5000, keep_checkpoints=3)
     c.optim = common.optim(lr=1e-4, init_lr=1e-6, end_lr=1e-6, warmup_steps=2000, grad_clip=0.0)
     # FID-50K (--mode=eval; every=-1: not during training): no ADM file exists for AFHQ, so the reference is
-    # made from the training images with the evaluators' ref_stats module and given as --ref.
+    # made from the training images with the package's `cli.ref_stats` tool and given as --ref.
     fid = dict(num_samples=50_000, batch_size=64)
     c.evals = ml_collections.ConfigDict(dict(bpd=dict(every=10_000), fid=common.fid(guidance=1.0, **fid)))
     c.biflow = common.biflow(

@@ -126,7 +126,7 @@ def fid(**overrides) -> ml_collections.ConfigDict:
     Read by the `fid` evaluator during training (`every` steps; 0 = at the end; -1 = never) on
     `train_samples` samples, and by `--mode=eval` on `num_samples`. reference: an ADM-format
     reference batch .npz (`reference_name`: the published file the config expects, named when
-    it is missing; make others with the evaluators' ref_stats module). inception:
+    it is missing; make others with the package's `cli.ref_stats` tool). inception:
     pytorch-fid's pt_inception-2015-12-05-6726825d.pth; `random_inception` is for tests and the
     digits only. guidance None: sample.guidance (exact) or biflow.guidance (BiFlow, if CFG-trained).
     convention: 'adm' (ADM's TF-graph resize, what ADM's VIRTUAL_* reference batches hold) or
@@ -158,7 +158,7 @@ def latent(**overrides) -> ml_collections.ConfigDict:
 
     vae_path: a diffusers AutoencoderKL directory (e.g. one saved from stabilityai/sd-vae-ft-ema);
     scale / shift map its posterior to the flow's input, (z - shift) * scale. `source` is the
-    image dataset the package's `data.latents` module encodes (ADM centre crop to
+    image dataset the package's `cli.encode_latents` tool encodes (ADM centre crop to
     source.image_size, image and flip) into data.folder, with data.name='latents'.
     """
     fields = dict(enabled=False, vae_path="", scale=0.18215, shift=0.0, vae_dtype="float32", decode_batch=64,

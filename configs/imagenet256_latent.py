@@ -3,7 +3,7 @@
 The flow and G work on 32x32x4 latents of stabilityai/sd-vae-ft-ema (scale 0.18215),
 patch 2: 256 tokens of 16 dims. Two steps:
   1. encode the images once (ADM centre crop to 256, image and flip, posterior mean/std) with
-     the package's `data.latents` module (`python -m <package>.data.latents`, same config):
+     the package's `cli.encode_latents` tool (`python -m <package>.cli.encode_latents`, same config):
        --config=configs/imagenet256_latent.py:b2 --config.latent.vae_path=VAE_DIR \
        --config.latent.source.data_dir=TFDS_DIR --out=LATENTS
   2. train with the package's `main` as for any config, adding

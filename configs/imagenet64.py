@@ -6,7 +6,7 @@ TFDS `imagenet2012` (train; `validation` as the test split), each image centre-c
 square and resized to 64 by the input pipeline: `--config.data.data_dir` must hold it prepared.
 `:uncond`: the unconditional flow (patch 2, width 768) on TFDS `downsampled_imagenet/64x64`
 (64x64 images, no labels; train / validation): no classes, no label dropout, no guidance; its
-FID reference is made from that set's train split with the evaluators' `ref_stats` module (ADM
+FID reference is made from that set's train split with the package's `cli.ref_stats` tool (ADM
 publishes only the labelled VIRTUAL_imagenet64_labeled.npz, the conditional flows' reference).
 Runs stage 1 by default; its `biflow` section is a real stage 2 (a BiFlow-B/2-sized G over the
 flow's classes): `--config.stage=biflow --config.biflow.flow_init=STAGE1_DIR`.

@@ -1,7 +1,8 @@
-"""Shared test set-up: quiet TensorFlow, exact float32 matmuls on CPU, and tiny configs.
+"""The suite's environment (quiet TensorFlow, CPU, exact float32 matmuls) and its fixtures; nothing else.
 
-Tests mirror the package (tests/models, tests/objectives, ...); this directory is on
-sys.path for all of them (helper modules: torch_reference, multidevice_steps, ...).
+Tests mirror the package (tests/models, tests/objectives, ...); this directory is on sys.path
+for all of them: shared builders are in tests/helpers (tiny configs, random params), other
+helper modules beside the tests (torch_reference, multidevice_steps, ...).
 """
 
 import os
@@ -17,6 +18,17 @@ os.environ.setdefault("BIFLOW_KEEP_HOST_MEMORY", "0")
 # ahead-of-time TPU compile tests, which need no TPU backend): without this, JAX would first try
 # to start a TPU runtime and print libtpu's warnings into every subprocess's stderr.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache per test run, shared by the xdist workers and every subprocess
+# they start (they inherit the variable): the suite compiles the same tiny programs (the digits
+# flow's train step, its sampler, ...) in many processes, and a cached executable is the one a fresh
+# compile would give. The run's first process (the xdist controller, or pytest alone) names a fresh
+# folder; a folder named by the caller is kept.
+if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="biflow-test-xla-cache-")
+    os.environ["BIFLOW_TEST_OWNS_XLA_CACHE"] = "1"
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # torchvision's compiled detection operators do not load beside the CPU build of torch this
 # project pins, and transformers/diffusers import torchvision whenever it is installed; the
 # reference models need only its Python layers (see torch_reference.py).
@@ -27,25 +39,20 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers.paths import REPO  # noqa: E402
+
 if REPO not in sys.path:
     sys.path.insert(0, REPO)  # configs/ for tests in subfolders
-
-
-def quick_config(stage: str = "flow", steps: int = 100):
-    """configs/digits.py:quick with `steps` for each stage (checkpoint at half, eval at the end)."""
-    from configs import digits
-
-    config = digits.get_config("quick")
-    config.stage = stage
-    for train in (config.train, config.biflow.train):
-        train.update(steps=steps, checkpoint_every=max(steps // 2, 1), eval_every=steps, log_every=max(steps // 2, 1),
-                     keep_checkpoints=3)
-    config.evals.bpd.every = steps
-    config.biflow.evals.reconstruction.every = steps
-    return config
 
 
 @pytest.fixture
 def repo_root() -> str:
     return REPO
+
+
+def pytest_unconfigure(config):
+    """The run's first process removes the compilation cache it made (workers leave it to it)."""
+    if os.environ.get("BIFLOW_TEST_OWNS_XLA_CACHE") == "1" and "PYTEST_XDIST_WORKER" not in os.environ:
+        import shutil
+
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -5,7 +5,7 @@ import os
 
 import jax
 import numpy as np
-from conftest import REPO
+from helpers.paths import REPO
 from PIL import Image
 
 

@@ -29,11 +29,13 @@ import numpy as np  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")  # as in tests/conftest.py
 
+
+from helpers.configs import tiny_config  # noqa: E402
+
 from biflow_jax import checkpoint, optim, sharding, trainer  # noqa: E402
 from biflow_jax.data import image_folder, input_pipeline  # noqa: E402
 from biflow_jax.modes import train  # noqa: E402
 from biflow_jax.objectives import flow  # noqa: E402
-from configs import digits  # noqa: E402
 
 RESULT = "RESULT "  # prefix of the stdout line that carries the JSON result (gloo and the loop print too)
 MODES = {"jit": ("jit", False), "pmap": ("pmap", False), "fsdp": ("jit", True)}
@@ -42,7 +44,7 @@ STEPS = SEGMENTS[-1][1]
 PROCESSES = 2
 
 
-def tiny_config(mode: str, steps: int = STEPS, batch_size: int = 16):
+def segment_config(mode: str, steps: int = STEPS, batch_size: int = 16):
     """digits:quick with a 2-block, 1-layer, 32-wide flow (fast to compile), saving every step.
 
     The learning rate is constant after a 1-step warmup, so a run's length does not change the
@@ -50,9 +52,7 @@ def tiny_config(mode: str, steps: int = STEPS, batch_size: int = 16):
     because Adam turns float noise in exactly-zero gradients (the attention's key bias) into
     steps of up to lr/10, the only differences between runs that differ in summation order.
     """
-    config = digits.get_config("quick")
-    config.stage = "flow"
-    config.model.update(num_blocks=2, layers_per_block=1, channels=32, head_dim=32)
+    config = tiny_config("flow")
     config.train.update(batch_size=batch_size, eval_batch_size=64, steps=steps, log_every=1, eval_every=steps,
                         checkpoint_every=1, keep_checkpoints=STEPS)
     config.evals.bpd.every = steps
@@ -130,14 +130,14 @@ def run_train_process(port: str, process_id: str, root: str) -> dict:
     distributed.initialize("on", coordinator_address=f"localhost:{port}", num_processes=PROCESSES,
                            process_id=int(process_id))
     assert (jax.process_count(), jax.local_device_count(), jax.device_count()) == (PROCESSES, 2, 4), jax.devices()
-    return {mode: train.train_and_evaluate(tiny_config(mode, steps), os.path.join(root, "run"))["flow"]
+    return {mode: train.train_and_evaluate(segment_config(mode, steps), os.path.join(root, "run"))["flow"]
             for mode, steps in SEGMENTS}
 
 
 def run_reference(root: str) -> dict:
     assert jax.device_count() == 4, jax.devices()
     mesh = sharding.make_mesh()
-    config = tiny_config("jit")
+    config = segment_config("jit")
     batches = process_shard_batches(config, PROCESSES, STEPS)
     losses, states = train_steps(config, mesh, batches, initial_state(config, mesh))
     after = {s: trainable(states[s - 1]) for _, s in SEGMENTS}  # the reference state after step s
@@ -146,7 +146,7 @@ def run_reference(root: str) -> dict:
     out = {"losses": losses, "restored": {}}
     for mode, s in SEGMENTS:  # the checkpoint each mode saved, multi-process, restored in both layouts here
         for layout in ("jit", "fsdp"):
-            state = restored_state(os.path.join(root, "run"), tiny_config(layout), mesh, step=s)
+            state = restored_state(os.path.join(root, "run"), segment_config(layout), mesh, step=s)
             out["restored"][f"{mode}@{s}->{layout}"] = {
                 "step": int(state.step), "max_diff": max_diff(trainable(state), after[s]),
                 "specs": shardings_summary(state.params)}
@@ -165,14 +165,14 @@ def bytes_on_first_device(tree) -> int:
 def run_backends() -> dict:
     assert jax.device_count() == 8, jax.devices()
     mesh = sharding.make_mesh()
-    config = tiny_config("jit", batch_size=32)
+    config = segment_config("jit", batch_size=32)
     it = input_pipeline.train_batches(config.data, config.train.batch_size, config.train.seed)
     batches = [next(it) for _ in range(STEPS)]
     initial = jax.device_get(initial_state(config, mesh))  # on the host: each mode places (and donates) its own
     out = {"losses": {}, "max_diff_vs_jit": {}, "param_bytes": {}}
     final = {}
     for mode in MODES:
-        config = tiny_config(mode, batch_size=32)
+        config = segment_config(mode, batch_size=32)
         state = jax.device_put(initial, trainer.state_shardings(initial, config.parallel, mesh))
         out["param_bytes"][mode] = bytes_on_first_device(state.params)
         out["param_bytes"][f"{mode}_state"] = bytes_on_first_device(trainable(state))
@@ -192,9 +192,9 @@ FOLDER_CLASSES = 3
 
 
 def folder_config(folder: str):
-    """tiny_config's flow on an image folder of FOLDER_CLASSES classes read as 8x8 RGB (grayscale files
+    """segment_config's flow on an image folder of FOLDER_CLASSES classes read as 8x8 RGB (grayscale files
     converted); a checkpoint every step and one kept, so the final step's verification prunes the first."""
-    config = tiny_config("jit", FOLDER_STEPS, batch_size=8)
+    config = segment_config("jit", FOLDER_STEPS, batch_size=8)
     config.data.update(name="folder", folder=folder, num_classes=FOLDER_CLASSES, channels=3, image_size=8)
     config.model.update(num_classes=FOLDER_CLASSES, in_channels=3)
     config.train.update(eval_batch_size=8, keep_checkpoints=1)

@@ -13,7 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import REPO
+from helpers.paths import REPO
 
 from biflow_jax import hlo_flops, host_memory, platforms, sharding, tpu_slices
 from biflow_jax.errors import ConfigError

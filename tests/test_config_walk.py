@@ -21,7 +21,7 @@ import os
 import numpy as np
 import pytest
 import walk_setup
-from conftest import REPO
+from helpers.paths import REPO
 
 from biflow_jax import config_files
 from biflow_jax.evaluators import inception_features
@@ -175,9 +175,9 @@ def pixel_config(config):
 @pytest.mark.parametrize("name,variant", walk_params(), ids=lambda v: v or "default")
 def test_config_walks_end_to_end(name, variant, assets, tmp_path, monkeypatch):
     from biflow_jax.evaluators import ref_stats
-    from biflow_jax.export import export_workdir
     from biflow_jax.modes import compare, describe, sample, train
     from biflow_jax.modes import eval as eval_mode
+    from biflow_jax.modes.export import export_workdir
 
     assert not variant.startswith("<"), f"configs/{name}.py has no VARIANTS tuple: the walk cannot list its variants"
     real = config_files.load(os.path.join(REPO, "configs", f"{name}.py") + (f":{variant}" if variant else ""))

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers.paths import REPO
 
 CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
                       if not os.path.basename(p).startswith(("_", "common")))

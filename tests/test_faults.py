@@ -17,9 +17,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, quick_config
+from helpers.configs import tiny_config
+from helpers.paths import REPO
 
-from biflow_jax import checkpoint, import_torch, runs, trainer, workdir_lock
+from biflow_jax import checkpoint, runs, trainer, workdir_lock
 from biflow_jax.errors import CheckpointError, TrainingError, WorkdirBusyError
 from biflow_jax.models import registry
 from biflow_jax.modes import sample as sample_mode
@@ -29,10 +30,9 @@ TINY = ["--config.model.num_blocks=2", "--config.model.layers_per_block=1", "--c
         "--config.model.head_dim=32", "--config.train.batch_size=16", "--config.optim.warmup_steps=1"]
 
 
-def tiny_config(steps: int, checkpoint_every: int = 2, lr: float | None = None):
-    """A 2-block, 1-layer, 32-wide flow on the digits; a constant `lr` when given."""
-    config = quick_config("flow", steps)
-    config.model.update(num_blocks=2, layers_per_block=1, channels=32, head_dim=32)
+def short_run(steps: int, checkpoint_every: int = 2, lr: float | None = None):
+    """`steps` of a 2-block, 1-layer, 32-wide flow on the digits; a constant `lr` when given."""
+    config = tiny_config("flow", steps)
     config.train.update(batch_size=16, checkpoint_every=checkpoint_every, log_every=checkpoint_every,
                         keep_checkpoints=2)
     config.optim.update(warmup_steps=1)
@@ -70,7 +70,7 @@ def digests(workdir):
 def base_run(tmp_path_factory):
     """4 steps, checkpoints at steps 2 and 4."""
     workdir = str(tmp_path_factory.mktemp("faults") / "run")
-    train(tiny_config(4), workdir)
+    train(short_run(4), workdir)
     assert steps_of(workdir) == [2, 4]
     return workdir
 
@@ -144,7 +144,7 @@ def test_read_modes_lock_the_workdir_and_the_stage_run_they_write_into(tmp_path)
     forward, reverse = str(job / runs.FORWARD_DIR), str(job / runs.REVERSE_DIR)
     for workdir, stage, objective, flow_workdir in ((forward, "flow", "flow", None),
                                                     (reverse, "biflow", "biflow", forward)):
-        checkpoint.write_config(workdir, tiny_config(2))
+        checkpoint.write_config(workdir, short_run(2))
         runs.write_stage_file(workdir, stage, objective, flow_workdir)
     locks = [os.path.join(d, workdir_lock.LOCK_FILE) for d in (str(job), forward, reverse)]
     for workdir, stage, held in ((str(job), "flow", (0, 1)), (str(job), "biflow", (0, 2)),
@@ -160,7 +160,7 @@ def test_divergence_never_leaves_a_poisoned_newest_checkpoint(base_run, tmp_path
     params are finite and which resumes to a normal run."""
     workdir = copy_of(base_run, tmp_path, "diverged")
     with pytest.raises(TrainingError, match="NaN/inf") as err:
-        train(tiny_config(12, checkpoint_every=1, lr=1e3), workdir)
+        train(short_run(12, checkpoint_every=1, lr=1e3), workdir)
     good = steps_of(workdir)
     newest = good[-1]
     assert f"last good checkpoint is step {newest}" in str(err.value)
@@ -170,9 +170,9 @@ def test_divergence_never_leaves_a_poisoned_newest_checkpoint(base_run, tmp_path
     # The same updates in a run that ends at the poisoned step: its final save is verified after the loop
     # (the loss of the next batch) and deleted, not left as the newest checkpoint.
     with pytest.raises(TrainingError, match=f"params saved at step {poisoned} diverged"):
-        train(tiny_config(poisoned, checkpoint_every=1, lr=1e3), workdir)
+        train(short_run(poisoned, checkpoint_every=1, lr=1e3), workdir)
     assert steps_of(workdir) == good
-    train(tiny_config(newest + 2, checkpoint_every=1), workdir)  # a normal run resumes from it
+    train(short_run(newest + 2, checkpoint_every=1), workdir)  # a normal run resumes from it
     # Its final save is verified at the end, so keep_checkpoints=2 leaves exactly the last two steps.
     assert steps_of(workdir) == [newest + 1, newest + 2]
     final = saved_params(workdir, newest + 2)
@@ -191,12 +191,12 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_step(base_run, t
     workdir = copy_of(base_run, tmp_path, "truncated")
     truncate_arrays(os.path.join(workdir, "checkpoints", "4"))
     with pytest.raises(CheckpointError, match=r"checkpoint step 4 of .* is damaged \(.*params"):
-        config = tiny_config(6)
+        config = short_run(6)
         config.train.on_damaged_checkpoint = "stop"
         train(config, workdir)
     assert steps_of(workdir) == [2, 4]  # 'stop' deletes nothing
     with caplog.at_level(logging.WARNING):
-        train(tiny_config(6), workdir)
+        train(short_run(6), workdir)
     warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
     assert len(warnings) == 1 and "\n" not in warnings[0], warnings
     assert "checkpoint step 4" in warnings[0] and "falling back to step 2" in warnings[0]
@@ -245,14 +245,14 @@ def test_full_disk_stops_at_the_failing_save_naming_the_last_good_step(base_run,
 
 @pytest.mark.parametrize("content", [b"", os.urandom(4096), b"\x80\x02garbage that is not a pickle"],
                          ids=["empty", "random", "bad_pickle"])
-def test_import_torch_says_one_clean_line_for_non_checkpoint_files(tmp_path, capsys, content):
+def test_import_torch_says_one_clean_line_for_non_checkpoint_files(tmp_path, content):
     path = tmp_path / "weights.pth"
     path.write_bytes(content)
-    with pytest.raises(SystemExit) as exit_info:
-        import_torch.main([f"--checkpoint={path}", f"--config={REPO}/configs/digits.py:quick",
-                           f"--workdir={tmp_path / 'never'}"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    done = subprocess.run([sys.executable, "-m", "biflow_jax.import_torch", f"--checkpoint={path}",
+                           f"--config={REPO}/configs/digits.py:quick", f"--workdir={tmp_path / 'never'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    err = done.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and str(path) in err[0], err
     assert "weights_only" not in err[0]  # torch's advice to unpickle code, impossible from the CLI anyway
     assert ("is empty (0 bytes)" in err[0]) == (not content)
@@ -263,7 +263,7 @@ def test_a_moved_job_dir_reads_its_own_forward_run(tmp_path):
     """Stage 2 stores its flow's workdir relative to itself inside a job dir, so a copy finds its own."""
     job = tmp_path / "job"
     forward, reverse = str(job / runs.FORWARD_DIR), str(job / runs.REVERSE_DIR)
-    config = tiny_config(2)
+    config = short_run(2)
     checkpoint.write_config(forward, config)
     checkpoint.write_config(reverse, config)
     runs.write_stage_file(forward, "flow", "flow")

@@ -1,5 +1,6 @@
-"""host_memory: importing biflow_jax keeps freed host memory mapped (glibc), so a large block
+"""host_memory: the command-line tools keep freed host memory mapped (glibc), so a large block
 freed by one step is reused by the next without page faults; BIFLOW_KEEP_HOST_MEMORY=0 opts out.
+Importing the library (biflow_jax, biflow_jax.torch) changes neither malloc nor the environment.
 
 Each case runs in a fresh interpreter (malloc settings are per process and must precede any
 allocation by a worker thread). The probe mallocs and writes 64 MiB in a worker thread, frees
@@ -16,8 +17,11 @@ import textwrap
 import pytest
 
 PROBE = textwrap.dedent("""
-    import ctypes, ctypes.util, resource, threading
-    import biflow_jax
+    import ctypes, ctypes.util, os, resource, sys, threading
+    environ = dict(os.environ)
+    for module in sys.argv[1:]:
+        __import__(module)
+    from biflow_jax import host_memory
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
@@ -39,20 +43,21 @@ PROBE = textwrap.dedent("""
     thread = threading.Thread(target=worker)
     thread.start()
     thread.join()
-    print(biflow_jax.HOST_MEMORY_KEPT, faults[0], faults[1])
+    print(host_memory.kept(), faults[0], faults[1], dict(os.environ) == environ)
 """)
+ENTRY_POINT = "biflow_jax.cli.bench"  # what `python -m biflow_jax.bench` runs first
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 
 
-def _probe(keep: str, platforms: str = "cpu") -> tuple[str, int, int]:
+def _probe(keep: str, platforms: str = "cpu", imports: tuple[str, ...] = (ENTRY_POINT,)) -> tuple[str, int, int]:
     env = {**os.environ, "BIFLOW_KEEP_HOST_MEMORY": keep, "JAX_PLATFORMS": platforms}
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120,
-                         check=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", PROBE, *imports], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
     return out[0], int(out[1]), int(out[2])
 
 
-def test_importing_biflow_jax_makes_a_freed_block_reusable_without_page_faults():
+def test_an_entry_point_makes_a_freed_block_reusable_without_page_faults():
     kept, first, second = _probe("")
     assert kept == "True"
     assert first > 0  # the first touch of 64 MiB faults page by page
@@ -70,3 +75,16 @@ def test_opting_out_leaves_glibc_defaults():
 def test_applied_only_where_the_cpu_runs_the_steps(platforms, want):
     """On an accelerator host device buffers never go through malloc, and one arena would only slow compiles."""
     assert _probe("", platforms)[0] == want
+
+
+def test_importing_the_library_leaves_malloc_and_the_environment_alone():
+    """A PyTorch user who imports biflow_jax.torch keeps glibc's defaults: a freed 64 MiB block is unmapped."""
+    pytest.importorskip("torch")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("BIFLOW_KEEP_HOST_MEMORY", None)  # the default, which an entry point would apply
+    out = subprocess.run([sys.executable, "-c", PROBE, "biflow_jax", "biflow_jax.torch"], env=env,
+                         capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    kept, first, second, same_env = out[0], int(out[1]), int(out[2]), out[3]
+    assert kept == "False" and same_env == "True"
+    assert first > 0
+    assert second * 2 > first, f"importing biflow_jax changed malloc: {first} then {second} page faults"

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers.paths import REPO
 
 from biflow_jax import checkpoint
 

@@ -1,7 +1,7 @@
 """Resuming a run saved before a config option existed: off-valued new options are no difference."""
 
 import pytest
-from conftest import quick_config
+from helpers.configs import quick_config
 
 from biflow_jax import checkpoint, trainer
 

@@ -19,7 +19,7 @@ import jax
 import multiprocess_worker as worker
 import numpy as np
 import pytest
-from conftest import REPO
+from helpers.paths import REPO
 from jax.sharding import PartitionSpec as P
 
 from biflow_jax import sharding
@@ -122,7 +122,7 @@ def test_multiprocess_checkpoints_restore_sharded_and_on_one_device(runs):
     mesh = sharding.make_mesh(jax.devices()[:1])
     with np.load(os.path.join(runs["root"], "reference.npz")) as saved:
         for mode, step in worker.SEGMENTS:  # here, in one process with one device
-            state = worker.restored_state(workdir, worker.tiny_config("jit"), mesh, step=step)
+            state = worker.restored_state(workdir, worker.segment_config("jit"), mesh, step=step)
             got = jax.tree_util.tree_leaves(worker.trainable(state))
             expected = [saved[f"{step}_{i}"] for i in range(len(got))]
             assert f"{step}_{len(got)}" not in saved.files
@@ -144,7 +144,7 @@ def test_fsdp_spec_shards_the_largest_divisible_dimension():
 
 
 def test_fsdp_with_pmap_is_refused():
-    config = worker.tiny_config("pmap")
+    config = worker.segment_config("pmap")
     config.parallel.fsdp = True
     with pytest.raises(ConfigError, match="parallel.fsdp=True needs parallel.backend='jit'"):
         validate_parallel(config)

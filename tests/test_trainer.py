@@ -12,7 +12,8 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, quick_config
+from helpers.configs import quick_config
+from helpers.paths import REPO
 
 from biflow_jax import checkpoint, sharding
 from biflow_jax.errors import ConfigError, DataError, TrainingError

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import biflow_jax
+from biflow_jax import host_memory
 from biflow_jax.benches import calibration, nll_step
 from biflow_jax.benches.random_flow import perturb_proj_out
 from biflow_jax.benches.timing import (
@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> dict:
         "config": {k: v for k, v in cfg.items()}, "cache_dtype": args.cache_dtype or args.dtype,
         "params": count_params(params), "torch_threads": torch_threads, "reference": args.reference or None,
         "cfg_scale": args.guidance, "rounds": args.rounds, "peak_flop_per_s": peak,
-        "host_memory_kept": biflow_jax.HOST_MEMORY_KEPT, "calibration": calib,
+        "host_memory_kept": host_memory.kept(), "calibration": calib,
     }
     table = [("part", "ours s", "ours img/s", "ours FLOP/s", "torch s", "torch img/s", "ours/torch")]
     for part in ("train", "forward", "sample", "cfg"):
@@ -253,7 +253,7 @@ def run(args: argparse.Namespace) -> dict:
           f"{side}x{side}x{channels}, patch {args.patch}, width {args.channels}, {args.blocks} blocks x "
           f"{args.layers} layers, {args.classes} classes, batch {n}, {result['params']:,} params; "
           f"torch threads {torch_threads}; CFG scale {args.guidance}; medians of {args.rounds} interleaved rounds; "
-          f"host malloc keeps freed memory (both sides, one process): {biflow_jax.HOST_MEMORY_KEPT}")
+          f"host malloc keeps freed memory (both sides, one process): {host_memory.kept()}")
     if calib:
         print("\n".join(calibration.calibration_lines(parts, calib)))
     print_table(table)

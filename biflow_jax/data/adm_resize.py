@@ -4,7 +4,7 @@ ADM's reference batches (the VIRTUAL_* files FID is scored against) were made by
 image with a box filter while its short side is at least twice the target, resizing it with
 PIL's bicubic filter so that the short side equals the target, and cutting the centre square.
 The training input pipeline, the reference statistics (`evaluators.ref_stats`, which reads
-through the pipeline) and the latent encoder (`data.latents`) all call this module, so a
+through the pipeline) and the latent encoder (`data.latents.encode`) all call this module, so a
 model is trained and scored on images made the way the reference's were. Pure numpy + PIL:
 tf.data reaches it through `tf.numpy_function` (`data.input_pipeline`).
 """

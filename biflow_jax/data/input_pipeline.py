@@ -51,7 +51,7 @@ def _builder(data_cfg: Any) -> tfds.core.DatasetBuilder:
 
 def dataset_info(data_cfg: Any) -> dict[str, Any]:
     """Sizes of the splits, used for epochs and eval."""
-    if data_cfg.name == "latents":  # VAE posteriors written by biflow_jax.data.latents
+    if data_cfg.name == "latents":  # VAE posteriors written by biflow_jax.data.latents.encode
         from biflow_jax.data import latents
 
         return latents.dataset_info(data_cfg)

@@ -1,7 +1,7 @@
 """Encode an image dataset once through the frozen VAE, and read the latents back as a dataset.
 
-`python -m biflow_jax.data.latents --config=configs/imagenet256_latent.py:b2 --out=DIR`
-reads the image dataset `config.latent.source` (a TFDS name, an image folder
+`encode` (the command: `python -m biflow_jax.cli.encode_latents --config=configs/imagenet256_latent.py:b2
+--out=DIR`) reads the image dataset `config.latent.source` (a TFDS name, an image folder
 FOLDER/<split>/<class>/<files>, or the built-in digits), centre-crops every image the
 ADM way (Dhariwal & Nichol, arXiv:2105.05233: halve with a box filter while the short
 side is at least twice the target, bicubic resize of the short side, centre crop) and
@@ -344,7 +344,7 @@ def read_meta(folder: str) -> dict[str, Any]:
     path = os.path.join(folder or "", META_FILE)
     if not folder or not os.path.isfile(path):
         raise DataError(f"data.folder={folder!r} holds no {META_FILE}: encode the images first with "
-                        "`python -m biflow_jax.data.latents --config=... --out=DIR` and set data.folder=DIR")
+                        "`python -m biflow_jax.cli.encode_latents --config=... --out=DIR` and set data.folder=DIR")
     try:
         with open(path) as f:
             meta = json.load(f)
@@ -397,7 +397,7 @@ def shard_paths(folder: str, meta: dict, split: str) -> list[str]:
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
         raise DataError(f"the latents in {folder!r} are incomplete: {len(missing)} of {count} {split!r} shards "
-                        "missing; rerun `python -m biflow_jax.data.latents` to finish them")
+                        "missing; rerun `python -m biflow_jax.cli.encode_latents` to finish them")
     return paths
 
 
@@ -441,45 +441,3 @@ def example(views: Any, label: Any, flip: Any) -> dict[str, Any]:
 
     view = tf.cast(flip, tf.int32)
     return {"image": views["mean"][view], STD_KEY: views["std"][view], "label": label}
-
-
-# ---------------------------------------------------------------------------
-# Command line.
-
-def main(argv: list[str]) -> None:
-    from absl import flags, logging
-
-    from biflow_jax import config_files, distributed
-    from biflow_jax.console import say
-
-    del argv
-    logging.set_verbosity(logging.WARNING)  # TFDS and JAX are chatty at INFO
-    FLAGS = flags.FLAGS
-    config = config_files.apply_overrides(config_files.load(FLAGS.config), config_files.cli_overrides())
-    out = FLAGS.out or config.data.get("folder", "")
-    if not out:
-        raise DataError("--out is required (or set data.folder): the directory the latents are written to")
-    splits = FLAGS.splits or None
-    distributed.initialize()
-    meta = encode(config, out, splits)
-    counts = ", ".join(f"{s} {v['num_examples']:,} examples in {v['num_shards']} shards"
-                       for s, v in meta["splits"].items())
-    say(f"latents {meta['latent_shape']} ({meta['dtype']}, image + flip) in {out}: {counts}")
-
-
-def run() -> None:
-    """Entry point: expected errors print one line and exit 2, as in biflow_jax.main."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from absl import flags
-
-    from biflow_jax import config_files
-
-    flags.DEFINE_string("config", None, "Config file with a `latent` section (e.g. configs/imagenet256_latent.py:b2).")
-    flags.DEFINE_string("out", None, "Output directory (default: the config's data.folder).")
-    flags.DEFINE_list("splits", None, "Splits to encode (default: latent.source's train and test splits).")
-    flags.mark_flag_as_required("config")
-    config_files.run_cli(main)
-
-
-if __name__ == "__main__":
-    run()

@@ -1,6 +1,6 @@
 """Classifying with a trained flow: training-free (one backward pass) and a linear probe.
 
-Training-free (PAPERS.md section 2): every block's class embedding becomes the soft
+Training-free (R-REPA, arXiv:2511.22345; docs/rrepa.md): every block's class embedding becomes the soft
 mixture softmax(lambda)^T E with lambda = 0 in R^K, L = log p(x | e), and the
 prediction is argmax_k dL/dlambda_k: the class towards which moving the embedding
 raises the likelihood fastest. One forward and one backward pass per image.

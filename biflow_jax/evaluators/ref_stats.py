@@ -1,4 +1,4 @@
-"""`python -m biflow_jax.evaluators.ref_stats --config=... --out=FILE.npz`: a reference batch from a dataset.
+"""A reference batch from a dataset (the command: `python -m biflow_jax.cli.ref_stats --config=... --out=F.npz`).
 
 Writes the format of ADM's reference batches (Dhariwal & Nichol 2021, arXiv:2105.05233):
 `mu`, `sigma` (pool_3) and `mu_s`, `sigma_s` (sFID's spatial features) over every image of
@@ -18,29 +18,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np
+from jax.experimental import multihost_utils
 
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
+from biflow_jax import sharding
+from biflow_jax.console import is_main_process, say
+from biflow_jax.errors import ConfigError, DataError
 
-from biflow_jax import config_files, distributed, sharding  # noqa: E402
-from biflow_jax.console import is_main_process, say  # noqa: E402
-from biflow_jax.errors import ConfigError, DataError  # noqa: E402
-
-flags.DEFINE_string("config", None, "Config file (its data section is read), with an optional :ARG.")
-flags.DEFINE_string("out", None, "Output .npz (ADM reference batch format).")
-flags.DEFINE_string("split", None, "Dataset split (default: config.data.train_split, as ADM's references).")
-flags.DEFINE_integer("num_images", 10_000, "Images kept in arr_0 (for precision/recall); 0 keeps none.")
-flags.DEFINE_string("inception", None, "pt_inception-2015-12-05-6726825d.pth (default evals.fid.inception).")
-flags.DEFINE_bool("random_inception", False, "Random Inception weights: tests and the digits only.")
-FLAGS = flags.FLAGS
 RESIZE = "adm_center_crop"  # data.adm_resize: box halving, bicubic, centre square (guided-diffusion)
 
 
-def compute(config, out: str, split: str | None = None, num_images: int = 10_000, inception: str | None = None,
+def compute(config: Any, out: str, split: str | None = None, num_images: int = 10_000, inception: str | None = None,
             random_inception: bool = False) -> dict:
     """Write the reference batch of `config.data`'s split to `out`; returns what was written (no arrays)."""
     from biflow_jax.data import input_pipeline
@@ -91,23 +81,3 @@ def compute(config, out: str, split: str | None = None, num_images: int = 10_000
     say(f"reference batch {out}: statistics of {meta['num_statistics']:,} {config.data.name} {split} images, "
         f"{meta['num_images']:,} images in arr_0; {extractor.describe()}")
     return meta
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS.config:
-        raise ConfigError("--config is required (its data section names the dataset)")
-    if not any(a.startswith(("-v", "--v")) for a in sys.argv[1:]):
-        logging.set_verbosity(logging.WARNING)
-    config = config_files.apply_overrides(config_files.load(FLAGS.config), config_files.cli_overrides())
-    distributed.initialize()
-    compute(config, FLAGS.out, FLAGS.split, FLAGS.num_images, FLAGS.inception, FLAGS.random_inception)
-
-
-def run() -> None:
-    config_files.run_cli(main)
-
-
-if __name__ == "__main__":
-    run()

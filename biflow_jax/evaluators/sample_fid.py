@@ -63,7 +63,7 @@ def check_reference_path(settings: dict[str, Any]) -> str:
     if not path:
         wanted = settings["reference_name"]
         hint = (f"ADM's reference batch {wanted} (openai/guided-diffusion evaluations)" if wanted else
-                "a reference batch: python -m biflow_jax.evaluators.ref_stats --config=... --out=FILE.npz")
+                "a reference batch: python -m biflow_jax.cli.ref_stats --config=... --out=FILE.npz")
         raise ConfigError(f"{settings['section']}.reference is empty: FID needs {hint}; set --ref=FILE.npz or "
                           f"--config.{settings['section']}.reference=FILE.npz")
     if not os.path.isfile(path):

@@ -19,6 +19,36 @@ StateDict = Mapping[str, np.ndarray]
 Parsed = TypeVar("Parsed")
 TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation",
                      "In PyTorch 2.6", "Re-running `torch.load`")  # torch's advice, not its reason
+WRAPPER_KEYS = ("model", "state_dict")  # training scripts often save {'model': sd, 'optimizer': ...}
+PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel and torch.compile wrappers
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The bare state_dict inside a checkpoint: unwrap {'model': ...}/{'state_dict': ...}, strip
+    DDP's 'module.' and torch.compile's '_orig_mod.' key prefixes."""
+    state = checkpoint
+    while isinstance(state, Mapping):
+        wrapper = next((k for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
+        if wrapper is None:
+            break
+        state = state[wrapper]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"expected a state_dict (a mapping of names to tensors), got {type(state).__name__}")
+    return {strip_prefixes(name): value for name, value in state.items()}
+
+
+def strip_prefixes(name: str) -> str:
+    while name.startswith(PREFIXES):
+        for prefix in PREFIXES:
+            name = name.removeprefix(prefix)
+    return name
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A torch tensor (any float dtype, any device) or array-like -> float32 numpy."""
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy()
+    return np.asarray(value, dtype=np.float32)
 
 
 def torch_load_reason(err: BaseException) -> str:

@@ -4,7 +4,7 @@ G is a bidirectional (non-causal) ViT over the forward flow's tokens. Its layers
 grouped into B + 1 stages run in generation order: stage k (k = 0..B-1) ends with a
 projection head whose output is aligned with the forward state x^{B-1-k}, so stage
 B-1 predicts x^0 (the noised image tokens); the extra stage B is the learned
-denoiser that predicts the clean image (PAPERS.md section 3).
+denoiser that predicts the clean image (arXiv:2512.10953).
 
 Design choices, and why:
 - Positions: a fixed 2D sin-cos embedding added to the input *and* 2D rotary

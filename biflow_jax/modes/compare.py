@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biflow_jax import latent_space, runs
-from biflow_jax.evaluators import grids
+from biflow_jax import image_grids, latent_space, runs
 from biflow_jax.modes import sample
 from biflow_jax.samplers import exact_inverse, one_nfe
 
@@ -111,12 +110,12 @@ def compare(reverse_workdir: str, out_dir: str | None = None, per_class: int = 3
         title = [f"exact inverse (left) vs BiFlow 1-NFE (right): the same noise and label in each position, "
                  f"checkpoint steps {run.flow.step} / {run.step}",
                  f"showing {cols} of {per_class} per class ({len(shown)} of {n} per model; all in exact_vs_biflow.npz)"]
-        grid = grids.captioned_grid(
+        grid = image_grids.captioned_grid(
             cells, nrow, title=title,
             col_groups=[(sample.sampler_caption("exact", guidance.scale), cols), ("", 1),
                         (sample.sampler_caption("biflow", w), cols)],
             row_labels=[f"class {c}" for c in shown_classes] if flow.num_classes else None)
-        grid_path = grids.save_png(grid, os.path.join(out_dir, "exact_vs_biflow.png"))
+        grid_path = image_grids.save_png(grid, os.path.join(out_dir, "exact_vs_biflow.png"))
         np.savez(os.path.join(out_dir, "exact_vs_biflow.npz"), exact=exact_u8, biflow=biflow_u8,
                  labels=np.asarray(labels) if labels is not None else np.zeros(n, np.int32))
         results: dict[str, Any] = {
@@ -139,7 +138,7 @@ def compare(reverse_workdir: str, out_dir: str | None = None, per_class: int = 3
                 scores = digits_quality.evaluate_samples(classifier, images, intended, real_test)
                 results[f"{name}_frechet"] = scores["frechet"]
                 results[f"{name}_label_accuracy"] = scores["label_accuracy"]
-        grids.to_tensorboard(reverse_workdir, run.step, images={"compare/exact_vs_biflow": grid},
+        image_grids.to_tensorboard(reverse_workdir, run.step, images={"compare/exact_vs_biflow": grid},
                              scalars={f"compare/{key}": value for key, value in results.items()
                                       if isinstance(value, float)})
         return results

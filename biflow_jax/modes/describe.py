@@ -1,8 +1,9 @@
 """`--mode=describe`: what a config would train, without data, weights or compiling a step.
 
 For every stage the config runs, the models are built abstractly (`jax.eval_shape`) and
-described: class, parameter count, token grid, classes and forward FLOPs per image (from
-XLA's cost analysis of the lowered forward pass). The dataset line is read from the config
+described: class, parameter count, token grid, classes and forward FLOPs per image (the model
+FLOPs of `model_flops`, counted from the architecture as papers count them; `--mode=compile`
+sets the compiled program's FLOPs beside them). The dataset line is read from the config
 alone (name, splits, labelled or not), so a conditional flow on an unlabelled dataset shows
 before any data is read. The last line printed is one JSON object:
 {"data": {"name", "train_split", "test_split", "labelled", "num_classes", ...},
@@ -15,36 +16,18 @@ import json
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from biflow_jax import architecture
+from biflow_jax import architecture, model_flops
 from biflow_jax.models import registry
 from biflow_jax.models.param_trees import count_params
 from biflow_jax.objectives import biflow
-
-FLOP_BATCH = 2  # images per traced batch; FLOPs are divided by it
-
-
-def flops(fn: Any, *args: Any) -> float | None:
-    """Forward FLOPs of fn(*args) from XLA's cost analysis of the lowered computation (no compile)."""
-    try:
-        analysis = jax.jit(fn).lower(*args).cost_analysis()
-    except Exception:  # a backend without cost analysis
-        return None
-    if isinstance(analysis, list):
-        analysis = analysis[0] if analysis else {}
-    value = (analysis or {}).get("flops")
-    return float(value) if value is not None else None
 
 
 def describe_flow(config: ml_collections.ConfigDict) -> dict[str, Any]:
     model = registry.build_flow(config.model)
     x, y = registry.flow_example_inputs(config.model)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, y))
-    xb = jax.ShapeDtypeStruct((FLOP_BATCH,) + x.shape[1:], jnp.float32)
-    yb = None if y is None else jax.ShapeDtypeStruct((FLOP_BATCH,), jnp.int32)
-    f = flops(lambda p, xx, yy: model.apply(p, xx, yy).z, params, xb, yb)
     grid = config.model.img_size // config.model.patch_size
     layers = (f"{model.layers_per_block} layers" if not model.block_layers
               else f"({', '.join(map(str, model.block_layers))}) layers")
@@ -56,7 +39,7 @@ def describe_flow(config: ml_collections.ConfigDict) -> dict[str, Any]:
             f"{layers}, width {model.channels}, patch {model.patch_size}" + "".join(f", {o}" for o in options),
             "params": count_params(params), "classes": model.num_classes, "tokens": model.num_tokens,
             "token_grid": [grid, grid], "token_dim": model.token_dim,
-            "flops_per_image": None if f is None else f / FLOP_BATCH}
+            "flops_per_image": model_flops.flow_forward(model)}
 
 
 def describe_biflow(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -65,17 +48,13 @@ def describe_biflow(config: ml_collections.ConfigDict) -> dict[str, Any]:
     reverse = biflow.build_reverse(config, flow)
     z, y, w = registry.reverse_example_inputs(flow)
     params = jax.eval_shape(lambda: reverse.init(jax.random.key(0), z, y, w))
-    zb = jax.ShapeDtypeStruct((FLOP_BATCH,) + z.shape[1:], jnp.float32)
-    yb = None if y is None else jax.ShapeDtypeStruct((FLOP_BATCH,), jnp.int32)
-    wb = jax.ShapeDtypeStruct((FLOP_BATCH,), jnp.float32)
-    f = flops(lambda p, zz, yy, ww: reverse.apply(p, zz, yy, ww).image_tokens, params, zb, yb, wb)
     fields = registry.reverse_fields(config.biflow.model)
     grid = config.model.img_size // config.model.patch_size
     return {"name": "biflow", "model": f"ReverseViT {config.biflow.model.variant}: depth {fields['depth']}, "
             f"width {fields['width']}, {fields['heads']} heads, {reverse.num_stages} stages",
             "params": count_params(params), "classes": reverse.num_classes, "tokens": reverse.num_tokens,
             "token_grid": [grid, grid], "token_dim": reverse.token_dim,
-            "flops_per_image": None if f is None else f / FLOP_BATCH}
+            "flops_per_image": model_flops.reverse_forward(reverse)}
 
 
 def describe_data(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biflow_jax import latent_space, likelihood, runs
+from biflow_jax import image_grids, latent_space, likelihood, runs
+from biflow_jax.console import say
 from biflow_jax.data import input_pipeline
 from biflow_jax.errors import ConfigError
-from biflow_jax.evaluators import grids, reconstruction
+from biflow_jax.evaluators import reconstruction
 from biflow_jax.modes.sample import biflow_guidance, writing_into
 from biflow_jax.samplers import exact_inverse, one_nfe
 
@@ -69,10 +70,10 @@ def write_metrics(path: str, metrics: dict[str, Any]) -> None:
 def write_outputs(run: runs.ReverseRun, path: str, mode: str, grid: np.ndarray, metrics: dict[str, Any],
                   logged: tuple[str, ...]) -> dict[str, Any]:
     """PATH/<mode>.png, PATH/metrics.json and the grid plus the `logged` metrics in the run's TensorBoard."""
-    png = grids.save_png(grid, os.path.join(path, f"{mode}.png"))
+    png = image_grids.save_png(grid, os.path.join(path, f"{mode}.png"))
     write_metrics(path, metrics)
     name = os.path.basename(os.path.normpath(path))
-    grids.to_tensorboard(run.workdir, run.step, images={f"{mode}/{name}": grid},
+    image_grids.to_tensorboard(run.workdir, run.step, images={f"{mode}/{name}": grid},
                          scalars={f"{mode}/{k}": v for k, v in metrics.items() if k in logged})
     return {"grid": png, "metrics": metrics, "out_dir": path}
 
@@ -137,15 +138,17 @@ def run_inpaint(workdir: str, num_images: int = 100, seed: int = 0, out_dir: str
         known_row = np.where(np.asarray(mask[:shown]), data["uint8"][:shown], np.uint8(128))
         cells = np.concatenate([data["uint8"][:shown], known_row] + [d[:shown] for d in draws])
         title = [f"inpainting with BiFlow (1 NFE, w={w:g}): top half known, bottom half generated, seed {seed}",
-                 f"{grids.shown_note(shown, n, 'the measured set')}; unknown-region MAE "
+                 f"{image_grids.shown_note(shown, n, 'the measured set')}; unknown-region MAE "
                  f"{metrics['unknown_mae_255']:.1f}/255" +
                  (f" (fill with the mean digit {metrics['mean_image_fill_mae_255']:.1f}, with a random digit "
                   f"{metrics['random_digit_fill_mae_255']:.1f})" if "mean_image_fill_mae_255" in metrics else "")]
         rows = ["original", "known (grey: unknown)"] + [f"inpainting {k + 1}" for k in range(INPAINT_DRAWS)]
-        grid = grids.captioned_grid(cells, shown, title=title, row_labels=rows)
+        grid = image_grids.captioned_grid(cells, shown, title=title, row_labels=rows)
         path = output_dir(workdir, out_dir, "inpaint", w, seed, n)
-        return {"images": n, **write_outputs(run, path, "inpaint", grid, metrics,
-                                             ("unknown_mae_255", "classifier_keeps_label"))}
+        out = {"images": n, **write_outputs(run, path, "inpaint", grid, metrics,
+                                            ("unknown_mae_255", "classifier_keeps_label"))}
+    say_inpaint(out)
+    return out
 
 
 def run_class_edit(workdir: str, num_images: int = 100, seed: int = 0, out_dir: str | None = None,
@@ -188,10 +191,36 @@ def run_class_edit(workdir: str, num_images: int = 100, seed: int = 0, out_dir: 
         shown = min(n, GRID_IMAGES)
         cells = np.concatenate([data["uint8"][:shown, None], edited[:shown]], axis=1).reshape((-1,) + edited.shape[2:])
         title = [f"class editing with BiFlow (1 NFE, w={w:g}): G(F(x | source) | target), seed {seed}",
-                 f"{grids.shown_note(shown, n, 'the measured set')}{verdict}"]
-        grid = grids.captioned_grid(cells, flow.num_classes + 1, title=title,
+                 f"{image_grids.shown_note(shown, n, 'the measured set')}{verdict}"]
+        grid = image_grids.captioned_grid(cells, flow.num_classes + 1, title=title,
                                     col_headers=["source"] + [f"to {t}" for t in range(flow.num_classes)],
                                     row_labels=[f"class {int(c)}" for c in labels[:shown]])
         path = output_dir(workdir, out_dir, "class_edit", w, seed, n)
-        return {"images": n, **write_outputs(run, path, "class_edit", grid, metrics,
-                                             ("target_accuracy", "source_kept_accuracy"))}
+        out = {"images": n, **write_outputs(run, path, "class_edit", grid, metrics,
+                                            ("target_accuracy", "source_kept_accuracy"))}
+    say_class_edit(out)
+    return out
+
+
+def say_inpaint(out: dict[str, Any]) -> None:
+    """The console's account of an inpainting run: the generated half's error beside two blind fills."""
+    m = out["metrics"]
+    baselines = (f" (filling it with the mean training digit: {m['mean_image_fill_mae_255']:.1f}, with a "
+                 f"random training digit: {m['random_digit_fill_mae_255']:.1f})"
+                 if "mean_image_fill_mae_255" in m else "")
+    kept = (f"; the digits classifier still names the source class for {m['classifier_keeps_label']:.3f}"
+            if "classifier_keeps_label" in m else "")
+    say(f"inpaint ({m['num_images']} test images x {m['draws_per_image']} draws, top half known): "
+        f"unknown-region mean abs error {m['unknown_mae_255']:.1f}/255{baselines}{kept}; "
+        f"known region changed by at most {m['known_max_abs_diff_255']}/255")
+    say(f"inpaint: {out['grid']} (figures in {os.path.join(out['out_dir'], 'metrics.json')})")
+
+
+def say_class_edit(out: dict[str, Any]) -> None:
+    """The console's account of a class-editing run: how often the digits classifier names the target."""
+    m = out["metrics"]
+    if "target_accuracy" in m:
+        say(f"class_edit ({m['num_images']} test images x {m['classes']} classes): the digits classifier "
+            f"names the target class for {m['target_accuracy']:.3f} of edits to another class (chance 0.1), "
+            f"the source class for {m['source_kept_accuracy']:.3f} of edits to the same class")
+    say(f"class_edit: {out['grid']} (figures in {os.path.join(out['out_dir'], 'metrics.json')})")

@@ -27,9 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from biflow_jax import config_files, latent_space, runs, workdir_lock
+from biflow_jax import config_files, image_grids, latent_space, runs, workdir_lock
 from biflow_jax.errors import ConfigError
-from biflow_jax.evaluators import grids
 from biflow_jax.samplers import exact_inverse, one_nfe
 
 # Exact-inverse samplers and the solver each one uses; "biflow" is G's one pass.
@@ -248,14 +247,14 @@ def run_sample(workdir: str, sampler: str | None = None, num_images: int | None 
         saved_labels = all_labels if all_labels is not None else np.full(num_images, -1, np.int32)
         np.savez(npz_path, images=images, labels=saved_labels)
         grid = sample_grid(images, all_labels, f"{sampler_caption(sampler, w)}, seed {seed}", run.step)
-        grids.save_png(grid, png_path)
+        image_grids.save_png(grid, png_path)
         settings_record = {"sampler": sampler, "solver": solver, "w": w, "seed": seed, "num_images": num_images,
                            "labels": None if labels is None else [int(v) for v in labels], "checkpoint_step": run.step,
                            "workdir": os.path.abspath(run.workdir), "denoise_sigma": sigma, "ema": ema}
         with open(os.path.join(out_dir, "settings.json"), "w") as f:
             json.dump(settings_record, f, indent=1)
         if any(inside(run.workdir, d) for d in owned):  # never into a run this call only reads
-            grids.to_tensorboard(run.workdir, run.step, images={f"samples/{name}": grid})
+            image_grids.to_tensorboard(run.workdir, run.step, images={f"samples/{name}": grid})
 
         return {
             "samples_png": png_path,
@@ -272,15 +271,21 @@ def run_sample(workdir: str, sampler: str | None = None, num_images: int | None 
         }
 
 
+def result_line(out: dict) -> str:
+    """The console line for a `run_sample` result: what sampled, how many, how fast, where."""
+    return (f"{sampler_caption(out['sampler'], out['w'])}: {out['num_images']} images, "
+            f"{out['images_per_s']:.1f} images/s incl. compile: {out['samples_png']}")
+
+
 def sample_grid(images: np.ndarray, labels: np.ndarray | None, what: str, step: int) -> np.ndarray:
     """A row per class (up to MAX_GRID_COLUMNS each), or a square grid; the title says how many are shown."""
     total = len(images)
     if labels is not None:
-        cells, cols, classes = grids.class_rows(images, labels, MAX_GRID_COLUMNS)
+        cells, cols, classes = image_grids.class_rows(images, labels, MAX_GRID_COLUMNS)
         shown = sum(min(int(np.sum(labels == c)), cols) for c in classes)
-        title = [f"{what}, checkpoint step {step}", grids.shown_note(shown, total, "samples.npz") +
+        title = [f"{what}, checkpoint step {step}", image_grids.shown_note(shown, total, "samples.npz") +
                  f", a row per class (up to {cols} each)"]
-        return grids.captioned_grid(cells, cols, title=title, row_labels=[f"class {int(c)}" for c in classes])
+        return image_grids.captioned_grid(cells, cols, title=title, row_labels=[f"class {int(c)}" for c in classes])
     shown = min(total, MAX_GRID_IMAGES)
-    title = [f"{what}, checkpoint step {step}", grids.shown_note(shown, total, "samples.npz")]
-    return grids.captioned_grid(images[:shown], math.ceil(math.sqrt(shown)), title=title)
+    title = [f"{what}, checkpoint step {step}", image_grids.shown_note(shown, total, "samples.npz")]
+    return image_grids.captioned_grid(images[:shown], math.ceil(math.sqrt(shown)), title=title)

@@ -12,7 +12,7 @@ so features are in raster order like the DINO grid. When the token grid and the 
 grid differ, the projected features are resized to the DINO grid (area mean when the
 DINO grid divides the token grid, else linear interpolation, antialiased).
 
-Gradient modes:
+Gradient modes (arXiv:2511.22345; docs/rrepa.md):
 - forward: features from the ordinary forward pass; gradients reach block t and every
   earlier block (through its input x^{t-1}).
 - detach: block t runs again on stop_gradient(x^{t-1}); only block t and the projector learn.

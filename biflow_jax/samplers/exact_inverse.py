@@ -1,4 +1,4 @@
-"""Generation with the forward flow's exact inverse (noise -> data), PAPERS.md section 1.
+"""Generation with the forward flow's exact inverse (noise -> data), arXiv:2412.06329.
 
 TARFlow has no learned reverse model: to sample, every block is inverted token by
 token, x[t+1] = z[t+1] * exp(a_t) + b_t, where (a_t, b_t) come from the block's

@@ -15,7 +15,8 @@ import multiprocess_worker as worker
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, quick_config
+from helpers.configs import quick_config
+from helpers.paths import REPO
 from PIL import Image
 
 from biflow_jax import evaluators, runs, sharding, trainer

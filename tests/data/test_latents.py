@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from helpers.paths import REPO
 from latent_setup import make_images, make_vae, smoke_config
 from PIL import Image
 
@@ -126,7 +126,8 @@ def slow(*a):
     print("shard written", flush=True)
     time.sleep(60)  # killed here
 latents._write_shard = slow
-latents.run()
+from biflow_jax.cli import encode_latents
+encode_latents.run()
 """
 
 

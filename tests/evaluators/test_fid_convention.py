@@ -13,7 +13,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import quick_config
+from helpers.configs import quick_config
 
 from biflow_jax import config_files
 from biflow_jax.errors import ConfigError

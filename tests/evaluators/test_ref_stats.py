@@ -13,7 +13,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, quick_config
+from helpers.configs import quick_config
+from helpers.paths import REPO
 
 from biflow_jax.data import input_pipeline
 from biflow_jax.evaluators import fid, ref_stats, sample_fid
@@ -43,7 +44,7 @@ def test_reference_batch_is_batch_size_independent(tmp_path):
 
 
 def test_missing_weights_is_one_line_naming_the_file(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "biflow_jax.evaluators.ref_stats", "--config=configs/digits.py:quick",
+    out = subprocess.run([sys.executable, "-m", "biflow_jax.cli.ref_stats", "--config=configs/digits.py:quick",
                           f"--out={tmp_path / 'r.npz'}"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()

@@ -13,7 +13,8 @@ import sys
 import zlib
 
 import numpy as np
-from conftest import REPO, quick_config
+from helpers.configs import quick_config
+from helpers.paths import REPO
 from PIL import Image
 
 _RUNS: dict[str, tuple[str, Exception]] = {}

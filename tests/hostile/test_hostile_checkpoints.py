@@ -9,7 +9,8 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, quick_config
+from helpers.configs import quick_config
+from helpers.paths import REPO
 from hostile_files import assert_one_line_exit_2, cli, flip_byte, folder_run
 
 from biflow_jax import checkpoint, runs

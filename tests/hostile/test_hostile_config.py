@@ -6,7 +6,8 @@ import os
 import sys
 
 import pytest
-from conftest import REPO, quick_config
+from helpers.configs import quick_config
+from helpers.paths import REPO
 
 from biflow_jax import config_checks, config_files
 from biflow_jax.errors import ConfigError

@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO
+from helpers.paths import REPO
 from hostile_files import flip_byte, png_declaring, write_folder
 from PIL import Image
 

@@ -11,15 +11,15 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import quick_config
+from helpers.configs import quick_config
 from safetensors.numpy import save_file
 
-from biflow_jax import import_torch
 from biflow_jax.interop import convnext_weights, dino_weights, inception_weights, lpips_weights, vae_weights
 from biflow_jax.interop.state_dicts import nest, read_torch_file
 from biflow_jax.interop.tarflow_layout import flow_params_to_state_dict
 from biflow_jax.models import registry
 from biflow_jax.models.vae import vae_config
+from biflow_jax.modes import import_torch
 
 NAN = np.array([[0.5, np.nan], [1.0, 2.0]], np.float32)
 

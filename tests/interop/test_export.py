@@ -8,7 +8,6 @@ max |got - want| <= 1e-5 * max |want| (float32 on both sides, highest matmul pre
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import jax
@@ -19,11 +18,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import helpers.params  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 import biflow_jax.torch as torch_port  # noqa: E402
-from biflow_jax import config_files, import_torch, runs  # noqa: E402
-from biflow_jax.interop import torch_files as export  # noqa: E402
+from biflow_jax import config_files, runs  # noqa: E402
+from biflow_jax.interop import export_files as export  # noqa: E402
 from biflow_jax.interop.tarflow_layout import (  # noqa: E402
     flow_params_to_state_dict,
     state_dict_layout,
@@ -31,6 +31,7 @@ from biflow_jax.interop.tarflow_layout import (  # noqa: E402
 )
 from biflow_jax.models.registry import build_flow  # noqa: E402
 from biflow_jax.models.tarflow import TARFlow, unpatchify  # noqa: E402
+from biflow_jax.modes import import_torch  # noqa: E402
 
 torch.set_default_dtype(torch.float32)
 
@@ -57,27 +58,11 @@ def make_config(num_classes: int, clip: float, layers: int) -> ml_collections.Co
 
 
 def random_params(model: TARFlow, seed: int, out_scale: float):
-    """Params of the model's exact tree, every leaf random at a sensible scale for its role.
-
-    Shapes come from `eval_shape` and values from numpy: an eager `model.init` costs seconds.
-    """
+    """Params of the model's exact tree, every leaf random at a scale for its role, proj_out's times
+    `out_scale`; shapes from `eval_shape`: an eager `model.init` costs seconds."""
     labels = jnp.zeros((1,), jnp.int32) if model.num_classes else None
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), labels)
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        names = [p.key for p in path]
-        noise = rng.standard_normal(leaf.shape).astype(np.float32)
-        gain = out_scale if "proj_out" in names else 1.0
-        if names[-1] == "kernel":
-            return jnp.asarray(noise * gain / math.sqrt(leaf.shape[0]))
-        if names[-1] == "scale":
-            return jnp.asarray(1.0 + 0.2 * noise)
-        if names[-1] == "bias":
-            return jnp.asarray(0.1 * gain * noise)
-        return jnp.asarray(0.5 * noise)  # pos_embed, class_embed
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+    return helpers.params.random_params(shapes, seed, {"proj_out": out_scale})
 
 
 @pytest.fixture(scope="module", params=list(CASES))

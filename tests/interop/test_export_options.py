@@ -21,12 +21,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import helpers.params  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 import biflow_jax.torch as torch_port  # noqa: E402
-from biflow_jax import export as export_cli  # noqa: E402
-from biflow_jax import import_torch  # noqa: E402
-from biflow_jax.interop import torch_files  # noqa: E402
+from biflow_jax.interop import export_files  # noqa: E402
 from biflow_jax.interop.tarflow_layout import (  # noqa: E402
     flow_params_to_state_dict,
     ml_tarflow_compatible,
@@ -34,6 +33,8 @@ from biflow_jax.interop.tarflow_layout import (  # noqa: E402
     state_dict_to_flow_params,
 )
 from biflow_jax.models.tarflow import build_flow  # noqa: E402
+from biflow_jax.modes import export as export_mode  # noqa: E402
+from biflow_jax.modes import import_torch  # noqa: E402
 from biflow_jax.torch import tarflow as torch_tarflow  # noqa: E402
 
 # Each option alone, then all of them together (the deep block last in forward order, as STARFlow).
@@ -136,23 +137,9 @@ def test_import_of_an_ml_tarflow_checkpoint_into_an_option_config_fails_clearly(
 # Flax -> export -> PyTorch: the same flow on both sides.
 
 def random_params(model, seed: int):
-    """Every leaf of the model's exact tree random at a scale that suits its role."""
+    """Every leaf of the model's exact tree random at a scale that suits its role (proj_out's small)."""
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        names = [p.key for p in path]
-        noise = rng.standard_normal(leaf.shape).astype(np.float32)
-        gain = 0.1 if "proj_out" in names else 1.0
-        if names[-1] == "kernel":
-            return jnp.asarray(noise * gain / math.sqrt(leaf.shape[0]))
-        if names[-1] == "scale":
-            return jnp.asarray(1.0 + 0.2 * noise)
-        if names[-1] == "bias":
-            return jnp.asarray(0.1 * gain * noise)
-        return jnp.asarray(0.5 * noise)  # pos_embed, class_embed
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+    return helpers.params.random_params(shapes, seed, {"proj_out": 0.1})
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
@@ -161,9 +148,9 @@ def test_option_flow_exports_and_matches_flax(name, tmp_path):
     model = build_flow(cfg.model)
     params = random_params(model, seed=3)
     out_dir = str(tmp_path / "export")
-    torch_files.export_flow(cfg, params, out_dir)
+    export_files.export_flow(cfg, params, out_dir)
 
-    with open(os.path.join(out_dir, torch_files.FORWARD_CONFIG)) as f:
+    with open(os.path.join(out_dir, export_files.FORWARD_CONFIG)) as f:
         saved = json.load(f)
     assert saved["ml_tarflow_compatible"] is False
     assert {k: saved[k] for k in ("rope", "norm", "qk_norm", "mlp", "block_layers")} == {
@@ -171,7 +158,7 @@ def test_option_flow_exports_and_matches_flax(name, tmp_path):
         "qk_norm": cfg.model.get("qk_norm", False), "mlp": cfg.model.get("mlp", "gelu"),
         "block_layers": list(cfg.model.get("block_layers", ()))}
     assert saved["clip_shift"] is cfg.model.get("clip_shift", False) and saved["clip"] == cfg.model.clip
-    with safe_open(os.path.join(out_dir, torch_files.FORWARD_WEIGHTS), "np") as f:
+    with safe_open(os.path.join(out_dir, export_files.FORWARD_WEIGHTS), "np") as f:
         layout = f.metadata()["layout"]
     assert layout == f"biflow_jax.torch.tarflow.Model (options ml-tarflow lacks: {', '.join(LACKS[name])})"
 
@@ -223,19 +210,17 @@ def test_import_of_an_option_checkpoint_into_a_scan_layers_flow(monkeypatch, tmp
         np.testing.assert_array_equal(got, np.asarray(want), err_msg=jax.tree_util.keystr(path))
 
 
-def test_export_cli_notes_that_ml_tarflow_cannot_load_an_option_flow(monkeypatch, tmp_path, capsys):
+def test_export_notes_that_ml_tarflow_cannot_load_an_option_flow(tmp_path):
+    """What the export command prints: the files written, then a note when ml-tarflow cannot read the flow."""
     cfg = config(rope=True, mlp="swiglu")
     params = random_params(build_flow(cfg.model), seed=4)
-    monkeypatch.setattr(export_cli, "export_workdir",
-                        lambda workdir, out, ema: [torch_files.export_flow(cfg, params, out)])
-    export_cli.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
-    lines = capsys.readouterr().out.splitlines()
+    lines = export_mode.written_lines([export_files.export_flow(cfg, params, str(tmp_path / "out"))])
+    assert lines[0].startswith("wrote ") and lines[0].endswith(export_files.FORWARD_CONFIG)
     assert lines[-1] == ("note: this flow uses rope, swiglu: biflow_jax.torch.load reads it; "
                          "apple/ml-tarflow's transformer_flow.Model cannot")
     default = config()
-    monkeypatch.setattr(export_cli, "export_workdir", lambda workdir, out, ema: [
-        torch_files.export_flow(default, random_params(build_flow(default.model), seed=5), out)])
-    export_cli.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "plain")])
-    assert "note:" not in capsys.readouterr().out
-    with safe_open(str(tmp_path / "plain" / torch_files.FORWARD_WEIGHTS), "np") as f:
+    plain = random_params(build_flow(default.model), seed=5)
+    written = export_files.export_flow(default, plain, str(tmp_path / "plain"))
+    assert not any(line.startswith("note:") for line in export_mode.written_lines([written]))
+    with safe_open(str(tmp_path / "plain" / export_files.FORWARD_WEIGHTS), "np") as f:
         assert f.metadata()["layout"] == "ml-tarflow transformer_flow.Model"

@@ -12,8 +12,10 @@ float64 and round it once, or an ulp in the table would show as ~1e-4 in the cod
 from __future__ import annotations
 
 import json
-import math
 import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,13 +25,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import helpers.params  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 import biflow_jax.models.reverse as jax_reverse  # noqa: E402
 import biflow_jax.torch as torch_port  # noqa: E402
 from biflow_jax import checkpoint, runs  # noqa: E402
-from biflow_jax import export as export_cli  # noqa: E402
-from biflow_jax.interop import torch_files  # noqa: E402
+from biflow_jax.interop import export_files  # noqa: E402
 from biflow_jax.interop.reverse_layout import (  # noqa: E402
     reverse_layout,
     reverse_params_to_state_dict,
@@ -77,54 +79,45 @@ def make_config(case: str) -> ml_collections.ConfigDict:
     return config
 
 
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def export_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m biflow_jax.export ARGS`, as the README writes it."""
+    return subprocess.run([sys.executable, "-m", "biflow_jax.export", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
 def build(config: ml_collections.ConfigDict) -> jax_reverse.ReverseViT:
     return registry.build_reverse(config.biflow.model, registry.build_flow(config.model))
 
 
 class export:  # noqa: N801  (the export API the tests use, on configs)
-    REVERSE_CONFIG, REVERSE_WEIGHTS = torch_files.REVERSE_CONFIG, torch_files.REVERSE_WEIGHTS
-    main = staticmethod(export_cli.main)
-    export_flow = staticmethod(torch_files.export_flow)
+    REVERSE_CONFIG, REVERSE_WEIGHTS = export_files.REVERSE_CONFIG, export_files.REVERSE_WEIGHTS
+    export_flow = staticmethod(export_files.export_flow)
 
     @staticmethod
     def reverse_export_config(config):
-        return torch_files.reverse_export_config(build(config), config.model, config.biflow.model.dtype)
+        return export_files.reverse_export_config(build(config), config.model, config.biflow.model.dtype)
 
     @staticmethod
     def export_reverse(config, params, out_dir):
-        return torch_files.export_reverse(export.reverse_export_config(config), params, out_dir)
+        return export_files.export_reverse(export.reverse_export_config(config), params, out_dir)
 
 
 def random_params(model: jax_reverse.ReverseViT, seed: int):
-    """Params of the model's exact tree, every leaf random at a scale that suits its role.
-
-    Shapes from `eval_shape`, values from numpy: an eager `model.init` costs seconds.
-    """
+    """Params of the model's exact tree, every leaf random at a scale that suits its role (adaLN's gates,
+    shifts and scales of order 0.5, not 0); shapes from `eval_shape`: an eager `model.init` costs seconds."""
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, model.num_tokens, model.token_dim)),
                             jnp.zeros((1,), jnp.int32), jnp.zeros((1,)))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        names = [p.key for p in path]
-        noise = rng.standard_normal(leaf.shape).astype(np.float32)
-        if names[-1] == "kernel":  # adaLN gates/shifts/scales of order 0.5, not 0
-            gain = 0.5 if "adaln" in names else 1.0
-            return jnp.asarray(noise * gain / math.sqrt(leaf.shape[0]))
-        if names[-1] == "scale":
-            return jnp.asarray(1.0 + 0.2 * noise)
-        if names[-1] == "bias":
-            return jnp.asarray(0.1 * noise)
-        return jnp.asarray(0.5 * noise)  # the label table
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+    return helpers.params.random_params(shapes, seed, {"adaln": 0.5})
 
 
 def random_flow_params(config: ml_collections.ConfigDict):
     """Forward-flow params of the right tree (values do not matter where this is used)."""
     flow = registry.build_flow(config.model)
     shapes = jax.eval_shape(flow.init, jax.random.PRNGKey(0), *registry.flow_example_inputs(config.model))
-    rng = np.random.default_rng(8)
-    return jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
+    return helpers.params.random_params(shapes, seed=8)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -325,12 +318,14 @@ def stage2_job(tmp_path_factory):
     return job, config, flow_params, raw, ema
 
 
-def test_cli_exports_flow_and_reverse_of_a_stage2_run(stage2_job, tmp_path, capsys):
+def test_cli_exports_flow_and_reverse_of_a_stage2_run(stage2_job, tmp_path):
     job, config, flow_params, raw, ema = stage2_job
     cfg = export.reverse_export_config(config)
-    for workdir, flag, want in ((job, "--ema", ema), (job / "reverse", "--no-ema", raw)):
+    for workdir, flag, want in ((job, "--ema", ema), (job / "reverse", "--noema", raw)):
         out = tmp_path / flag
-        export.main(["--workdir", str(workdir), "--out", str(out), flag])
+        done = export_cli(f"--workdir={workdir}", f"--out={out}", flag)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "reverse.safetensors" in done.stdout
         assert sorted(os.listdir(out)) == ["forward.safetensors", "forward_config.json",
                                            "reverse.safetensors", "reverse_config.json"]
         written = load_file(str(out / "reverse.safetensors"))
@@ -339,15 +334,13 @@ def test_cli_exports_flow_and_reverse_of_a_stage2_run(stage2_job, tmp_path, caps
         forward = load_file(str(out / "forward.safetensors"))  # the flow is stage 1's, bit for bit
         np.testing.assert_array_equal(forward["blocks.1.proj_in.weight"],
                                       np.asarray(flow_params["params"]["blocks_1"]["proj_in"]["kernel"]).T)
-    assert "reverse.safetensors" in capsys.readouterr().out
 
 
-def test_cli_stage2_without_its_forward_run_fails_cleanly(stage2_job, tmp_path, capsys):
+def test_cli_stage2_without_its_forward_run_fails_cleanly(stage2_job, tmp_path):
     _, config, _, _, _ = stage2_job
     checkpoint.write_config(str(tmp_path / "reverse"), config)
     runs.write_stage_file(str(tmp_path / "reverse"), "biflow", "biflow", str(tmp_path / "gone"))
-    with pytest.raises(SystemExit) as info:
-        export.main(["--workdir", str(tmp_path / "reverse"), "--out", str(tmp_path / "out")])
-    assert info.value.code == 2
-    assert "gone" in capsys.readouterr().err
+    done = export_cli(f"--workdir={tmp_path / 'reverse'}", f"--out={tmp_path / 'out'}")
+    assert done.returncode == 2
+    assert "gone" in done.stderr
     assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers.params import perturbed
 
 from biflow_jax.models.reverse import ReverseViT
 from biflow_jax.models.tarflow import TARFlow
@@ -18,19 +19,6 @@ from biflow_jax.objectives import biflow as obj
 from biflow_jax.samplers import one_nfe
 
 T, D, B, K, N = 16, 4, 2, 10, 3
-
-
-def perturb(params, scale=0.1, seed=7):
-    """Add noise to every parameter so zero-initialised gates and heads have teeth.
-
-    NumPy noise: eager jax.random would compile a kernel per parameter shape.
-    """
-    rng = np.random.default_rng(seed)
-    def noisy(leaf):
-        base = np.zeros(leaf.shape) if isinstance(leaf, jax.ShapeDtypeStruct) else np.asarray(leaf)
-        return jnp.asarray(base + scale * rng.standard_normal(leaf.shape), jnp.float32)
-
-    return jax.tree_util.tree_map(noisy, params)
 
 
 def w_of(value):
@@ -65,7 +53,7 @@ def apply(model):
 
 @pytest.fixture(scope="module")
 def teeth(params):
-    return perturb(params)
+    return perturbed(params, 0.1)
 
 
 def test_output_shapes_and_stage_split(model, params, apply, z, labels):
@@ -89,7 +77,7 @@ def test_bottleneck_variant_routes_through_token_space(teeth, z, labels):
     extra = set(shapes["params"]) - set(teeth["params"])
     assert extra == {"reembed_0", "reembed_1"}
     # Reuse the plain model's weights; only the re-embedding layers are new.
-    params = {"params": dict(teeth["params"], **perturb({k: shapes["params"][k] for k in extra}, 1.0, seed=3))}
+    params = {"params": dict(teeth["params"], **perturbed({k: shapes["params"][k] for k in extra}, 1.0, seed=3))}
     apply = jax.jit(model.apply)
     out = apply(params, z, labels, w_of(0.0))
     assert [s.shape for s in out.stage_outputs] == [(N, T, D)] * 3
@@ -206,7 +194,7 @@ def test_losses_finite_and_every_term_decreases_under_adam(model, params, apply,
     # A fixed random "trajectory" whose states have very different scales.
     trajectory = tuple(jax.random.normal(keys[i], (N, T, D)) * (3.0 ** i) for i in range(B + 1))
     clean = jnp.tanh(jax.random.normal(keys[-1], (N, T, D)))
-    outputs = apply(perturb(params, 0.02), z, labels, w_of(0.0)).stage_outputs
+    outputs = apply(perturbed(params, 0.02), z, labels, w_of(0.0)).stage_outputs
     for name, loss_fn in obj.OBJECTIVES.items():
         terms = loss_fn(outputs, trajectory, clean)
         assert all(bool(jnp.isfinite(v)) for v in terms.values()), name
@@ -268,7 +256,7 @@ def flow_pair(apply, teeth):
                    num_classes=K, head_dim=16)
     x = jnp.tanh(jax.random.normal(jax.random.key(13), (N, 8, 8, 1)))
     shapes = jax.eval_shape(flow.init, jax.random.key(14), x, jnp.zeros((N,), jnp.int32))
-    flow_params = perturb(shapes, 0.05, seed=14)
+    flow_params = perturbed(shapes, 0.05, seed=14)
     return x, one_nfe.flow_encoder(flow, flow_params), lambda z, y: apply(teeth, z, y, w_of(0.0)).image_tokens
 
 

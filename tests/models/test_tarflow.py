@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers.params import perturbed
 from jax import enable_x64
 
 from biflow_jax.models.tarflow import TARFlow, patchify, unpatchify
@@ -19,10 +20,7 @@ def randomized_params(model, seed=0, scale=0.05):
     """Init, then perturb every leaf (proj_out is zero at init, which would hide bugs)."""
     x = jnp.zeros((2, model.img_size, model.img_size, model.in_channels))
     params = model.init(jax.random.PRNGKey(seed), x, jnp.zeros((2,), jnp.int32) if model.num_classes else None)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    leaves = [l + scale * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return perturbed(params, scale, seed=seed + 1)
 
 
 def test_patchify_matches_torch_unfold():

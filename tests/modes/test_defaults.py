@@ -4,7 +4,7 @@ before it existed) uses configs/common.py's values, the same ones a fresh config
 from __future__ import annotations
 
 import ml_collections
-from conftest import quick_config
+from helpers.configs import quick_config
 
 from biflow_jax import architecture, config_files
 from biflow_jax.evaluators import sample_fid

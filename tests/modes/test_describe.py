@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from helpers.paths import REPO
 from test_configs import CONFIG_FILES, VARIANTS
 
 from biflow_jax import config_files

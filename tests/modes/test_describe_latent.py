@@ -1,7 +1,7 @@
 """configs/imagenet256_latent.py sizes: the paper's parameter counts (BiFlow, arXiv:2512.10953)."""
 
 import pytest
-from conftest import REPO
+from helpers.paths import REPO
 
 from biflow_jax import config_files
 from biflow_jax.modes import describe

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from tiny_job import make_job_dir
 
-from biflow_jax.evaluators import grids
+from biflow_jax import image_grids
 from biflow_jax.modes import compare, edit
 
 
@@ -24,7 +24,7 @@ def caption_band(png: str, body_rows: int, cell: int) -> np.ndarray:
     with Image.open(png) as f:
         grid = np.asarray(f)
     top = grid.shape[0] - (body_rows * (cell + 2) + 2)
-    assert top > grids.LINE and (top - 2) % grids.LINE == 0, (grid.shape, top)
+    assert top > image_grids.LINE and (top - 2) % image_grids.LINE == 0, (grid.shape, top)
     assert (grid[:top] == 255).sum() > 100  # text
     return grid
 
@@ -64,7 +64,7 @@ def test_class_editing_reports_the_classifier_verdict(job_dir):
     assert m["originals_accuracy"] > 0.5  # the classifier itself reads real test digits
     # Rows: 4 test images; columns: source + 10 targets, cells widened to 40 px for "source".
     grid = caption_band(out["grid"], 4, 40)
-    left = len("class 0") * grids.CHAR + grids.TEXT_GAP + 2
+    left = len("class 0") * image_grids.CHAR + image_grids.TEXT_GAP + 2
     assert grid.shape[1] == left + 11 * 42 + 2
 
 

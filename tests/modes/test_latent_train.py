@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import REPO
+from helpers.paths import REPO
 from latent_setup import make_images, make_vae, smoke_config
 from PIL import Image
 

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 from tiny_job import make_job_dir
 
+from biflow_jax import image_grids
 from biflow_jax.errors import ConfigError
-from biflow_jax.evaluators import grids
 from biflow_jax.modes import sample
 
 
@@ -24,12 +24,12 @@ def check_class_grid(png: str, images: np.ndarray, labels: np.ndarray) -> None:
     """Size of a row-per-class grid, its caption band, and each row's first image in place."""
     classes = np.unique(labels)
     cols = min(sample.MAX_GRID_COLUMNS, max(int(np.sum(labels == c)) for c in classes))
-    left = len("class 0") * grids.CHAR + grids.TEXT_GAP + 2
+    left = len("class 0") * image_grids.CHAR + image_grids.TEXT_GAP + 2
     cell = 32 + 2  # 8x8 enlarged 4x, 2-pixel padding
     with Image.open(png) as f:
         grid = np.asarray(f)
     top = grid.shape[0] - (len(classes) * cell + 2)
-    assert top > grids.LINE and (top - 2) % grids.LINE == 0  # a caption band of whole text lines
+    assert top > image_grids.LINE and (top - 2) % image_grids.LINE == 0  # a caption band of whole text lines
     assert grid.shape[1] >= left + cols * cell + 2
     assert (grid[:top] == 255).sum() > 100  # text in the band
     for r, c in enumerate(classes):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.configs import tiny_config
 from PIL import Image
 
 from biflow_jax import evaluators, optim, runs, sharding, trainer
@@ -14,14 +15,11 @@ from biflow_jax.errors import ConfigError
 from biflow_jax.models import registry
 from biflow_jax.modes import edit, train
 from biflow_jax.objectives import biflow
-from configs import digits
 
 
-def tiny_config():
-    config = digits.get_config("quick")
-    config.stage = "biflow"
-    config.model.update(channels=64, num_blocks=2, layers_per_block=1)
-    config.biflow.model.update(depth=3, width=32, heads=2)
+def stage2_config():
+    """A 64-wide 2-block flow and a 3-layer G, 40 steps of stage 2 at a high learning rate."""
+    config = tiny_config("biflow", channels=64, head_dim=None)
     config.biflow.train.update(batch_size=32, log_every=10, eval_every=1000, checkpoint_every=1000, steps=40)
     config.biflow.optim.update(lr=3e-3)
     return config
@@ -30,7 +28,7 @@ def tiny_config():
 @pytest.fixture(scope="module")
 def forward_workdir(tmp_path_factory):
     """A stage-1 workdir holding randomly initialised flow params (no training needed)."""
-    config = tiny_config()
+    config = stage2_config()
     config.stage = "flow"
     model = registry.build_flow(config.model)
     params = model.init(jax.random.key(1), *registry.flow_example_inputs(config.model))
@@ -44,7 +42,7 @@ def forward_workdir(tmp_path_factory):
 
 
 def test_steps_keep_flow_bit_identical_and_every_term_decreases(forward_workdir):
-    config = tiny_config()
+    config = stage2_config()
     flow_run = runs.load_flow(forward_workdir)
     before = jax.tree_util.tree_map(np.array, flow_run.params)
     objective = biflow.make(config, flow_run)
@@ -85,7 +83,7 @@ def train_stage2(config, workdir, flow_workdir):
 
 def test_stage2_end_to_end_leaves_stage1_checkpoint_untouched(forward_workdir, tmp_path):
     before = runs.load_flow(forward_workdir).params
-    config = tiny_config()
+    config = stage2_config()
     config.biflow.train.steps = 10
     results = train_stage2(config, str(tmp_path / "stage2"), forward_workdir)
     assert np.isfinite(results["test_recon_mse"])
@@ -108,7 +106,7 @@ def test_stage2_end_to_end_leaves_stage1_checkpoint_untouched(forward_workdir, t
 
 def test_stage2_without_or_with_mismatched_stage1_fails_at_start(forward_workdir, tmp_path):
     workdir = str(tmp_path / "never")
-    config = tiny_config()
+    config = stage2_config()
     with pytest.raises(ConfigError, match="biflow.flow_init"):
         train.train_and_evaluate(config, workdir)
     config.biflow.flow_init = str(tmp_path / "missing")
@@ -118,7 +116,7 @@ def test_stage2_without_or_with_mismatched_stage1_fails_at_start(forward_workdir
     config.model.channels = 128
     with pytest.raises(ConfigError, match=r"model.channels: 64 -> 128"):
         train.train_and_evaluate(config, workdir)
-    config = tiny_config()
+    config = stage2_config()
     config.biflow.flow_init = forward_workdir
     config.data.num_classes = 0
     config.model.num_classes = 0

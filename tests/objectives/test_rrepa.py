@@ -49,7 +49,7 @@ def block_grad_norms(model, params, x, mode, passes, location=(2, 1)):
             for i in range(model.num_blocks)]
 
 
-# Aligning block 2 (1-indexed) of 4: which blocks the alignment gradient may reach (PAPERS.md 2).
+# Aligning block 2 (1-indexed) of 4: which blocks the alignment gradient may reach (arXiv:2511.22345, docs/rrepa.md).
 EXPECTED = {
     ("forward", 1): [True, True, False, False],  # block t and every earlier block
     ("detach", 1): [False, True, False, False],  # block t only

@@ -116,7 +116,7 @@ def test_zero_guidance_equals_plain_sampling(flow, batch):
 
 
 def expected_guided_ab(a_c, b_c, a_u, b_u, guidance, num_tokens):
-    """The guidance rules of PAPERS.md written out directly in numpy, per token position."""
+    """TARFlow's guidance rules (arXiv:2412.06329, docs/tarflow.md) in numpy, per token position."""
     a_c, b_c, a_u, b_u = (np.asarray(v, np.float64) for v in (a_c, b_c, a_u, b_u))
     positions = np.arange(num_tokens)[None, :, None]
     g = positions / (num_tokens - 1) * guidance.scale if guidance.annealed else guidance.scale

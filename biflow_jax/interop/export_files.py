@@ -1,23 +1,20 @@
-"""PyTorch-side files: the export format (safetensors + JSON configs) and reading torch checkpoints.
+"""The export writer: a flow and BiFlow's G as PyTorch-side files (safetensors + JSON configs).
 
 Export: `forward.safetensors` holds exactly ml-tarflow's `transformer_flow.Model` state_dict
 (TARFlow, arXiv:2412.06329) and `forward_config.json` its constructor arguments, unless the
 flow uses improved-flow options ml-tarflow lacks (RoPE, SwiGLU, ...; STARFlow arXiv:2506.06276):
 then only `biflow_jax.torch.tarflow.Model` reads it, and config and metadata say so;
 `reverse.safetensors` / `reverse_config.json` hold BiFlow's G for `biflow_jax.torch`.
-Import: the state_dict inside whatever a training script saved (wrappers, DDP prefixes).
-Pure functions of arrays and configs; workdirs are the CLIs' business (biflow_jax.export,
-biflow_jax.import_torch).
+Pure functions of arrays and configs; workdirs are biflow_jax.modes.export's business (reading
+torch checkpoints back: interop.state_dicts).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 from safetensors.numpy import save_file
 
 from biflow_jax.architecture import flow_options
@@ -28,39 +25,6 @@ FORWARD_WEIGHTS = "forward.safetensors"
 FORWARD_CONFIG = "forward_config.json"
 REVERSE_WEIGHTS = "reverse.safetensors"
 REVERSE_CONFIG = "reverse_config.json"
-WRAPPER_KEYS = ("model", "state_dict")  # training scripts often save {'model': sd, 'optimizer': ...}
-PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel and torch.compile wrappers
-
-
-def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """The bare state_dict inside a checkpoint: unwrap {'model': ...}/{'state_dict': ...}, strip
-    DDP's 'module.' and torch.compile's '_orig_mod.' key prefixes."""
-    state = checkpoint
-    while isinstance(state, Mapping):
-        wrapper = next((k for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
-        if wrapper is None:
-            break
-        state = state[wrapper]
-    if not isinstance(state, Mapping):
-        raise ValueError(f"expected a state_dict (a mapping of names to tensors), got {type(state).__name__}")
-    return {strip_prefixes(name): value for name, value in state.items()}
-
-
-def strip_prefixes(name: str) -> str:
-    while name.startswith(PREFIXES):
-        for prefix in PREFIXES:
-            name = name.removeprefix(prefix)
-    return name
-
-
-def to_numpy(value: Any) -> np.ndarray:
-    """A torch tensor (any float dtype, any device) or array-like -> float32 numpy."""
-    if hasattr(value, "detach"):
-        value = value.detach().float().cpu().numpy()
-    return np.asarray(value, dtype=np.float32)
-
-
-
 def forward_config(config: Any) -> dict[str, Any]:
     """ml-tarflow's `Model(...)` arguments for this flow, plus our extras.
 
