@@ -7,7 +7,8 @@ from typing import Any
 
 import jax
 
-from biflow_jax.errors import require
+from biflow_jax import architecture
+from biflow_jax.errors import ConfigError, require
 from biflow_jax.likelihood import NOISE_TYPES
 
 LOOP_KEYS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
@@ -32,7 +33,19 @@ def validate_loop(train: Any, optim: Any, prefix: str) -> None:
             f"{optim_prefix}.warmup_steps={optim.warmup_steps} must be smaller than {prefix}.steps={train.steps}")
 
 
+def check_dtype(name: str, key: str) -> None:
+    """A compute dtype of `architecture.DTYPES`; float64 (the parity dtype) only where JAX computes
+    in it (jax_enable_x64), else it would silently run in float32."""
+    try:
+        architecture.check_dtype(name, key)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    require(name != "float64" or jax.config.jax_enable_x64,
+            f"{key}='float64' needs jax_enable_x64 (JAX_ENABLE_X64=1); without it JAX computes in float32")
+
+
 def validate_parallel(config: Any) -> None:
+    """The device layout, checked once for all stages (`modes.train.validate`); the step builder only routes."""
     require(config.parallel.backend in ("jit", "pmap"),
             f"parallel.backend={config.parallel.backend!r} must be 'jit' or 'pmap'")
     require(not (config.parallel.get("fsdp", False) and config.parallel.backend == "pmap"),
@@ -52,8 +65,7 @@ def validate_flow_stage(config: Any) -> None:
             f"model.channels={m.channels} is not a multiple of model.head_dim={m.head_dim}")
     require(m.num_classes in (0, d.num_classes),
             f"model.num_classes={m.num_classes} must be 0 (unconditional) or data.num_classes={d.num_classes}")
-    require(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r} must be 'float32' or 'bfloat16'")
+    check_dtype(m.dtype, "model.dtype")
     require(t.noise in NOISE_TYPES, f"train.noise={t.noise!r} must be one of {NOISE_TYPES}")
     require(0.0 <= t.label_drop < 1.0, f"train.label_drop={t.label_drop} must be in [0, 1)")
     validate_loop(t, config.optim, "train")
-    validate_parallel(config)

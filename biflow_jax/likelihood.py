@@ -39,13 +39,6 @@ def augment(rng: Array, images_uint8: Array, noise: str, noise_std: float) -> Ar
     raise ValueError(f"train.noise must be one of {NOISE_TYPES}, got {noise!r}")
 
 
-def drop_labels(rng: Array, labels: Array, rate: float) -> Array:
-    """Replace labels by -1 (unconditional) with probability `rate`, for classifier-free guidance."""
-    if rate <= 0:
-        return labels
-    return jnp.where(jax.random.uniform(rng, labels.shape) < rate, -1, labels)
-
-
 def nll_loss(z: Array, logdets: Array) -> Array:
     """Training loss per dimension: 0.5 * mean(z^2) - mean_batch(sum_blocks logdet)."""
     return 0.5 * jnp.mean(jnp.square(z)) - jnp.mean(jnp.sum(logdets, axis=-1))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from biflow_jax import architecture
+
 
 def transformer_layer(tokens: int, width: int, mlp_hidden: int, gated: bool) -> float:
     """One pre-norm layer: qkv, attention (QK^T, PV), out projection, MLP (two or, gated, three matmuls)."""
@@ -21,12 +23,10 @@ def transformer_layer(tokens: int, width: int, mlp_hidden: int, gated: bool) -> 
 
 def flow_forward(model: Any) -> float:
     """TARFlow's forward (`models.tarflow.TARFlow`): per block proj_in, its layers, proj_out."""
-    from biflow_jax.models.tarflow import swiglu_hidden
-
     t, c, d = model.num_tokens, model.channels, model.token_dim
-    gated = model.mlp in ("swiglu", "geglu_starflow")  # STARFlow's gated MLP keeps hidden C x expansion
-    hidden = swiglu_hidden(c, model.expansion) if model.mlp == "swiglu" else c * model.expansion
-    layers = list(model.block_layers) or [model.layers_per_block] * model.num_blocks
+    gated = model.mlp in architecture.GATED_MLPS
+    hidden = architecture.mlp_hidden(model.mlp, c, model.expansion)
+    layers = architecture.layer_counts(model.num_blocks, model.layers_per_block, model.block_layers)
     per_block = [2 * t * d * c + n * transformer_layer(t, c, hidden, gated) + 2 * t * c * 2 * d for n in layers]
     return float(sum(per_block))
 
@@ -34,10 +34,8 @@ def flow_forward(model: Any) -> float:
 def reverse_forward(model: Any) -> float:
     """BiFlow's G (`models.reverse.ReverseViT`): embedding, depth SwiGLU layers, a head per stage,
     the re-embedding between stages with `stage_bottleneck` (adaLN modulation is per image: negligible)."""
-    from biflow_jax.models.reverse import swiglu_hidden
-
     t, w, d = model.num_tokens, model.width, model.token_dim
-    hidden = swiglu_hidden(w, model.mlp_ratio)
+    hidden = architecture.swiglu_hidden(w, model.mlp_ratio)
     stages = model.num_forward_blocks + 1
     return float(2 * t * d * w + model.depth * transformer_layer(t, w, hidden, True) + stages * 2 * t * w * d
                  + (stages - 1) * 2 * t * d * w * bool(model.stage_bottleneck))

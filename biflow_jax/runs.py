@@ -19,10 +19,11 @@ import jax
 import ml_collections
 
 from biflow_jax import checkpoint, objectives, workdir_lock
+from biflow_jax.architecture import FLOW_OPTION_DEFAULTS
 from biflow_jax.console import is_main_process
 from biflow_jax.models import registry
 from biflow_jax.models.reverse import ReverseViT
-from biflow_jax.models.tarflow import OPTION_DEFAULTS, TARFlow
+from biflow_jax.models.tarflow import TARFlow
 from biflow_jax.objectives import biflow as biflow_objective
 
 STAGE_FILE = "stage.json"
@@ -132,9 +133,9 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 def upgrade_config(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """First-release layout (top-level `reverse`, `reverse_train`, `forward_workdir`) -> `biflow` section;
     flow-model keys added since the run was saved get their defaults (the model it was trained as)."""
-    if "model" in saved and any(key not in saved.model for key in OPTION_DEFAULTS):
+    if "model" in saved and any(key not in saved.model for key in FLOW_OPTION_DEFAULTS):
         raw = saved.to_dict()
-        raw["model"] = {**OPTION_DEFAULTS, **raw["model"]}
+        raw["model"] = {**FLOW_OPTION_DEFAULTS, **raw["model"]}
         saved = ml_collections.ConfigDict(raw)
     if "reverse_train" not in saved:
         return saved

@@ -20,7 +20,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh, NamedSharding
@@ -31,6 +30,7 @@ from biflow_jax.checkpoint_keeper import CheckpointKeeper, check_finite
 from biflow_jax.console import is_main_process, say
 from biflow_jax.data import input_pipeline
 from biflow_jax.errors import require
+from biflow_jax.models.param_trees import count_params
 from biflow_jax.objectives import Objective
 
 
@@ -78,14 +78,9 @@ def make_train_step(loss_fn: Callable, optimizer, train: ml_collections.ConfigDi
     """
     step = functools.partial(device_step, loss_fn=loss_fn, optimizer=optimizer, ema_decay=train.ema_decay,
                              ema_warmup=train.get("ema_warmup", True), seed=train.seed)
-    backend, fsdp = parallel.backend, parallel.get("fsdp", False)
-    if backend == "jit":
-        return sharding.fully_sharded(step, mesh) if fsdp else sharding.replicated_jit(step, mesh)
-    if backend == "pmap":
-        if fsdp:
-            raise ValueError("parallel.fsdp=True needs parallel.backend='jit' (pmap keeps a whole state per device)")
+    if parallel.backend == "pmap":  # `parallel` is checked once, by config_checks.validate_parallel
         return sharding.pmapped(step, mesh)
-    raise ValueError(f"parallel.backend={backend!r} is not supported (use 'jit' or 'pmap')")
+    return sharding.fully_sharded(step, mesh) if parallel.get("fsdp", False) else sharding.replicated_jit(step, mesh)
 
 
 def fresh_state(objective: Objective, optimizer, seed: int) -> TrainState:
@@ -249,8 +244,6 @@ class Pace:
             f"{rate:.1f} steps/s, ETA {eta // 60}m{eta % 60:02d}s"
 
 
-def count_params(params: Any) -> int:
-    return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
 
 
 def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -22,8 +22,9 @@ import pytest
 from helpers.paths import REPO
 from jax.sharding import PartitionSpec as P
 
-from biflow_jax import optim, sharding, trainer
-from biflow_jax.objectives import flow
+from biflow_jax import sharding
+from biflow_jax.config_checks import validate_parallel
+from biflow_jax.errors import ConfigError
 from biflow_jax.runs import load_flow
 
 # Same global batches, devices and per-example noise; only the order of float32 sums differs
@@ -145,6 +146,5 @@ def test_fsdp_spec_shards_the_largest_divisible_dimension():
 def test_fsdp_with_pmap_is_refused():
     config = worker.segment_config("pmap")
     config.parallel.fsdp = True
-    with pytest.raises(ValueError, match="parallel.fsdp=True needs parallel.backend='jit'"):
-        trainer.make_train_step(flow.make(config).loss, optim.make_optimizer(config.optim, 4), config.train,
-                                config.parallel, sharding.make_mesh(jax.devices()[:1]))
+    with pytest.raises(ConfigError, match="parallel.fsdp=True needs parallel.backend='jit'"):
+        validate_parallel(config)

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> dict:
     from biflow_jax import config_files, optim, runs, sharding, trainer
     from biflow_jax.models import registry
     from biflow_jax.models.convnext import ConvNeXtV2, convnext_config
-    from biflow_jax.models.tarflow import count_params
+    from biflow_jax.models.param_trees import count_params
     from biflow_jax.models.vgg import LPIPS
     from biflow_jax.objectives import biflow, perceptual
 

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from biflow_jax import config_files
 from biflow_jax.benches import nll_step
 from biflow_jax.benches.timing import print_table
-from biflow_jax.models.tarflow import build_flow, count_params
+from biflow_jax.models.param_trees import count_params
+from biflow_jax.models.tarflow import build_flow
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

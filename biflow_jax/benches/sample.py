@@ -27,8 +27,9 @@ from biflow_jax.benches.timing import (
     throughput_fields,
     time_call,
 )
+from biflow_jax.models.param_trees import count_params
 from biflow_jax.models.reverse import ReverseViT
-from biflow_jax.models.tarflow import TARFlow, count_params
+from biflow_jax.models.tarflow import TARFlow
 from biflow_jax.samplers import exact_inverse, one_nfe
 
 

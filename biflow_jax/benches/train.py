@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from biflow_jax.benches.timing import interleaved_rounds, medians, print_table
-from biflow_jax.models.tarflow import count_params
+from biflow_jax.models.param_trees import count_params
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

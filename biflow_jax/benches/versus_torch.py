@@ -30,7 +30,8 @@ from biflow_jax.benches.timing import (
     print_table,
     throughput_fields,
 )
-from biflow_jax.models.tarflow import TARFlow, build_flow, count_params
+from biflow_jax.models.param_trees import count_params
+from biflow_jax.models.tarflow import TARFlow, build_flow
 from biflow_jax.samplers import exact_inverse
 
 
@@ -266,7 +267,7 @@ def run(args: argparse.Namespace) -> dict:
 def model_params_unstacked(model: TARFlow, params: Any) -> Any:
     """The per-layer params tree (the export layout) of a flow, whether or not it scans its layers."""
     if getattr(model, "scan_layers", False):
-        from biflow_jax.models.tarflow import unstack_layer_params
+        from biflow_jax.models.param_trees import unstack_layer_params
 
         return unstack_layer_params(params)
     return params

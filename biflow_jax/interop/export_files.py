@@ -17,8 +17,9 @@ from typing import Any
 
 from safetensors.numpy import save_file
 
+from biflow_jax.architecture import flow_options
 from biflow_jax.interop.reverse_layout import reverse_params_to_state_dict
-from biflow_jax.interop.tarflow_layout import flow_options, flow_params_to_state_dict, ml_tarflow_lacks
+from biflow_jax.interop.tarflow_layout import flow_params_to_state_dict, ml_tarflow_lacks
 
 FORWARD_WEIGHTS = "forward.safetensors"
 FORWARD_CONFIG = "forward_config.json"

@@ -2,8 +2,8 @@
 
 Export (`reverse_params_to_state_dict`) and import (`state_dict_to_reverse_params`) both
 read `reverse_layout`, so the two directions cannot drift apart. Pure numpy on purpose:
-exporting must work where torch is not installed, and the PyTorch port
-(`biflow_jax.torch.reverse`) takes its stage split from here without importing JAX.
+exporting must work where torch is not installed. G's stage split and hidden width are
+`biflow_jax.architecture`'s, shared with the model and the PyTorch port.
 
 Names: Flax `blocks_{l}` / `heads_{k}` / `reembed_{k}` <-> torch `blocks.{l}` /
 `heads.{k}` / `reembed.{k}`; RMSNorm `scale` and the label table's `embedding` <-> torch
@@ -19,37 +19,17 @@ stage_bottleneck.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from biflow_jax.architecture import stage_sizes, swiglu_hidden
 from biflow_jax.interop.tarflow_layout import FlaxPath, TensorSpec, params_to_state_dict, state_dict_to_params
 
 
-def stage_sizes(depth: int, num_forward_blocks: int, layers_per_stage: Sequence[int] | None = None) -> tuple[int, ...]:
-    """Layers per stage, B + 1 stages: `layers_per_stage` if given, else `depth` split evenly
-    with the spare layers going to the first (noise-side) stages. Same rule as `ReverseViT`."""
-    num_stages = num_forward_blocks + 1
-    if layers_per_stage is not None:
-        sizes = tuple(int(s) for s in layers_per_stage)
-        if len(sizes) != num_stages or min(sizes) < 1:
-            raise ValueError(f"layers_per_stage={sizes} must list {num_stages} positive layer counts "
-                             f"(num_forward_blocks + 1)")
-        return sizes
-    if depth < num_stages:
-        raise ValueError(f"depth={depth} is smaller than the number of stages {num_stages}; every stage needs a layer")
-    base, extra = divmod(depth, num_stages)
-    return tuple(base + (k < extra) for k in range(num_stages))
-
-
-def swiglu_hidden(width: int, mlp_ratio: float) -> int:
-    """SwiGLU hidden width: 2/3 of mlp_ratio * width, rounded up to a multiple of 8 (as in G)."""
-    hidden = int(2 * mlp_ratio * width / 3)
-    return -(-hidden // 8) * 8
-
-
 def config_stage_sizes(cfg: Mapping[str, Any]) -> tuple[int, ...]:
+    """G's resolved stage split for an exported `reverse_config.json` dict."""
     return stage_sizes(int(cfg["depth"]), int(cfg["num_forward_blocks"]), cfg.get("layers_per_stage"))
 
 

@@ -9,10 +9,10 @@ LayerNorm `weight` <-> Flax `scale`, and a torch Linear weight (out, in) is the 
 of a Flax Dense kernel (in, out). Two buffers have no Flax counterpart: each block's causal
 `attn_mask` (lower-triangular ones) and the model's prior variance `var` (ones).
 
-The improved-flow options of `config.model` (`FLOW_OPTIONS`: RoPE, RMSNorm, QK-norm, SwiGLU or
-STARFlow's gated MLP, per-block layer counts, the clip of the shift; STARFlow arXiv:2506.06276)
-change the layout or the maths; ml-tarflow has none of
-them, so only `biflow_jax.torch.tarflow.Model` reads such a state_dict
+The improved-flow options of `config.model` (`biflow_jax.architecture`: RoPE, RMSNorm,
+QK-norm, SwiGLU or STARFlow's gated MLP, per-block layer counts, the clip of the shift; STARFlow
+arXiv:2506.06276) change the layout or the maths; ml-tarflow has none of them, so only
+`biflow_jax.torch.tarflow.Model` reads such a state_dict
 (`ml_tarflow_compatible` tells which is which).
 """
 
@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from biflow_jax import architecture
 
 FlaxPath = tuple[str, ...]
 
@@ -36,48 +38,11 @@ class TensorSpec:
     transpose: bool = False  # a Dense kernel, stored transposed in torch
 
 
-# The improved-flow options of `config.model` and their defaults (ml-tarflow's architecture).
-FLOW_OPTIONS = {"rope": False, "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "block_layers": (),
-                "clip_shift": False}
-NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu", "geglu_starflow")
-
-
-def flow_options(model_cfg: Any) -> dict[str, Any]:
-    """The option values of `model_cfg` (defaults for keys an older config lacks), validated:
-    `block_layers` comes back as a tuple of one positive layer count per block, forward order."""
-    options = {key: model_cfg.get(key, default) for key, default in FLOW_OPTIONS.items()}
-    options["rope"], options["qk_norm"] = bool(options["rope"]), bool(options["qk_norm"])
-    options["clip_shift"] = bool(options["clip_shift"])
-    if options["norm"] not in NORMS:
-        raise ValueError(f"model.norm must be one of {NORMS}, got {options['norm']!r}")
-    if options["mlp"] not in MLPS:
-        raise ValueError(f"model.mlp must be one of {MLPS}, got {options['mlp']!r}")
-    if options["rope"] and model_cfg["head_dim"] % 4:
-        raise ValueError(f"model.rope needs head_dim divisible by 4, got {model_cfg['head_dim']}")
-    blocks = model_cfg["num_blocks"]
-    given = tuple(int(n) for n in (options["block_layers"] or ()))
-    layers = given or (int(model_cfg["layers_per_block"]),) * blocks
-    if len(layers) != blocks or min(layers) < 1:
-        raise ValueError(f"model.block_layers must give {blocks} positive layer counts (one per block), "
-                         f"got {list(given)}")
-    options["block_layers"] = layers
-    return options
-
-
 def ml_tarflow_lacks(model_cfg: Any) -> list[str]:
     """The options this flow uses that ml-tarflow's `transformer_flow.Model` lacks, by name
     (rope, rmsnorm, qk_norm, swiglu, geglu_starflow, block_layers=[...], clip_shift); empty for the
     default architecture. clip_shift changes no key but the maths, so ml-tarflow would run it wrongly."""
-    options = flow_options(model_cfg)
-    used = [name for name, on in (("rope", options["rope"]), ("rmsnorm", options["norm"] == "rmsnorm"),
-                                  ("qk_norm", options["qk_norm"]), ("swiglu", options["mlp"] == "swiglu"),
-                                  ("geglu_starflow", options["mlp"] == "geglu_starflow")) if on]
-    if len(set(options["block_layers"])) > 1 or options["block_layers"][0] != model_cfg["layers_per_block"]:
-        used.append(f"block_layers={list(options['block_layers'])}")
-    if options["clip_shift"]:
-        used.append("clip_shift")
-    return used
+    return architecture.options_in_use(model_cfg)
 
 
 def ml_tarflow_compatible(model_cfg: Any) -> bool:
@@ -89,25 +54,19 @@ def ml_tarflow_compatible(model_cfg: Any) -> bool:
     return not ml_tarflow_lacks(model_cfg)
 
 
-def swiglu_hidden(channels: int, expansion: int) -> int:
-    """SwiGLU's hidden width: 2/3 of the GELU MLP's (the same parameter count), rounded up to a multiple of 8."""
-    return 8 * -(-2 * expansion * channels // 24)
-
-
 def state_dict_layout(model_cfg: Any) -> dict[str, TensorSpec]:
     """Every key the PyTorch Model has for this config, with its shape and Flax origin: exactly
     ml-tarflow's keys when `ml_tarflow_compatible(model_cfg)`.
 
     `model_cfg` is the `config.model` section (a ConfigDict or a plain dict).
     """
-    options = flow_options(model_cfg)
+    options = architecture.flow_options(model_cfg)
     patch = model_cfg["patch_size"]
     tokens = (model_cfg["img_size"] // patch) ** 2
     token_dim = model_cfg["in_channels"] * patch * patch
     width = model_cfg["channels"]
     head_dim = model_cfg["head_dim"]
-    hidden = width * model_cfg["expansion"]
-    swiglu = swiglu_hidden(width, model_cfg["expansion"])
+    hidden = architecture.mlp_hidden(options["mlp"], width, model_cfg["expansion"])
     classes = model_cfg["num_classes"]
 
     layout: dict[str, TensorSpec] = {}
@@ -121,7 +80,7 @@ def state_dict_layout(model_cfg: Any) -> dict[str, TensorSpec]:
         if options["norm"] == "layernorm":  # RMSNorm has no bias
             layout[f"{torch_name}.bias"] = TensorSpec(flax_path + ("bias",), (dim,))
 
-    for i, num_layers in enumerate(options["block_layers"]):
+    for i, num_layers in enumerate(architecture.flow_layer_counts(model_cfg)):
         torch_block, flax_block = f"blocks.{i}", (f"blocks_{i}",)
         add_linear(f"{torch_block}.proj_in", flax_block + ("proj_in",), token_dim, width)
         if not options["rope"]:  # RoPE replaces the learned position embedding
@@ -138,8 +97,8 @@ def state_dict_layout(model_cfg: Any) -> dict[str, TensorSpec]:
                 add_norm(f"{torch_layer}.attention.k_norm", flax_layer + ("attention", "k_norm"), head_dim)
             add_norm(f"{torch_layer}.mlp.norm", flax_layer + ("mlp", "norm"))
             if options["mlp"] == "swiglu":
-                add_linear(f"{torch_layer}.mlp.gate_up", flax_layer + ("mlp", "gate_up"), width, 2 * swiglu)
-                add_linear(f"{torch_layer}.mlp.down", flax_layer + ("mlp", "down"), swiglu, width)
+                add_linear(f"{torch_layer}.mlp.gate_up", flax_layer + ("mlp", "gate_up"), width, 2 * hidden)
+                add_linear(f"{torch_layer}.mlp.down", flax_layer + ("mlp", "down"), hidden, width)
             elif options["mlp"] == "geglu_starflow":  # STARFlow's names: gate_proj, up_proj, down_proj
                 for name, fan_in, fan_out in (("gate_proj", width, hidden), ("up_proj", width, hidden),
                                               ("down_proj", hidden, width)):
@@ -253,7 +212,7 @@ def flow_params_to_state_dict(params: Mapping[str, Any], model_cfg: Any) -> dict
     """Flax flow params -> ml-tarflow state_dict (buffers `attn_mask` and `var` included).
 
     `model.scan_layers` params (layers stacked under `attn_blocks`) are unstacked first."""
-    from biflow_jax.models.tarflow import unstack_layer_params  # lazy: this module stays numpy-only
+    from biflow_jax.models.param_trees import unstack_layer_params  # lazy: this module stays numpy-only
 
     return params_to_state_dict(unstack_layer_params(params), state_dict_layout(model_cfg), "flow", _buffer_value)
 
@@ -273,7 +232,7 @@ def state_dict_to_flow_params(state_dict: Mapping[str, Any], model_cfg: Any) -> 
     """
     params = state_dict_to_params(state_dict, state_dict_layout(model_cfg), _check_flow_buffer)
     if model_cfg.get("scan_layers", False):  # the nn.scan layout: layers stacked on a leading axis
-        from biflow_jax.models.tarflow import stack_layer_params
+        from biflow_jax.models.param_trees import stack_layer_params
 
         params = jax_tree_to_numpy(stack_layer_params(params))
     return params

@@ -1,5 +1,5 @@
-"""Attention kernels of the forward flow: dense (causal or not) and one cached decoding step,
-plus the flow's 2D rotary positions. Layers live in `models/tarflow.py`; G reuses `attention`.
+"""Attention kernels: dense softmax attention (causal or not) and one cached decoding step.
+The layer around them, shared by the flow and G, is `models/layers.Attention`.
 
 CPU and accelerators take different paths, both the same maths:
 - on GPU/TPU `jax.nn.dot_product_attention` (cuDNN flash attention for 16-bit dtypes on GPU);
@@ -7,7 +7,6 @@ CPU and accelerators take different paths, both the same maths:
   leading, the softmax normalised after the PV product (no (T, T) broadcast of the row sums), and
   causal queries in `CAUSAL_TILES` tiles that each read only the keys they can see, so the masked
   blocks above the diagonal are never computed.
-RoPE: Su et al., RoFormer, arXiv:2104.09864, in its 2D axial form.
 """
 
 from __future__ import annotations
@@ -21,40 +20,6 @@ import jax.numpy as jnp
 from biflow_jax.platforms import target_platform
 
 Array = jax.Array
-ROPE_BASE = 10000.0
-
-
-def rope_tables(grid: int, head_dim: int, flip: bool, dtype: Any = jnp.float32,
-                index: Array | None = None) -> tuple[Array, Array]:
-    """cos and sin (T, head_dim) of 2D axial RoPE for a grid x grid raster, in block order; with
-    `index`, only that block-order position's row (1, head_dim) (a decode step needs no more).
-
-    The head vector is four quarters [r1, r2, c1, c2]: (r1, r2) pairs turn by the token's row,
-    (c1, c2) by its column, at frequencies ROPE_BASE^(-i / (head_dim / 4)). A flipped block's
-    token j is raster token T-1-j and keeps that token's angles, so relative offsets stay true.
-    """
-    if head_dim % 4:
-        raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
-    quarter = head_dim // 4
-    freqs = ROPE_BASE ** (-jnp.arange(quarter, dtype=dtype) / quarter)
-    t = jnp.arange(grid * grid) if index is None else jnp.reshape(index, (1,))
-    if flip:
-        t = grid * grid - 1 - t
-    row = (t // grid).astype(dtype)[:, None] * freqs
-    col = (t % grid).astype(dtype)[:, None] * freqs
-    angles = jnp.concatenate([row, row, col, col], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotate (N, T, heads, head_dim) q or k by per-token (T, head_dim) tables; maths in cos's dtype."""
-    quarter = x.shape[-1] // 4
-    xf = x.astype(cos.dtype)
-    r1, r2, c1, c2 = (xf[..., i * quarter:(i + 1) * quarter] for i in range(4))
-    turned = jnp.concatenate([-r2, r1, -c2, c1], axis=-1)
-    return (xf * cos[:, None] + turned * sin[:, None]).astype(x.dtype)
-
-
 CAUSAL_TILES = 4  # query tiles of the CPU causal attention (4 measured best at 256 tokens: train step -12%)
 
 
@@ -114,11 +79,6 @@ def _attention_tile(q: Array, k: Array, v: Array, scale: float, inv_temp: Array 
     total = jnp.sum(unnormalised, axis=-1, keepdims=True)
     out = jnp.einsum("nhqk,nhkd->nhqd", unnormalised.astype(v.dtype), v, preferred_element_type=acc)
     return (out / total).astype(v.dtype)
-
-
-def causal_attention(q: Array, k: Array, v: Array, temp: Array | float, acc: Any) -> Array:
-    """`attention` with the causal mask (token t sees tokens <= t)."""
-    return attention(q, k, v, temp, acc, causal=True)
 
 
 def decode_attention(q: Array, past: tuple[Array, Array], chunk: tuple[Array, Array], filled: Array,

@@ -12,20 +12,22 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from biflow_jax import architecture
 from biflow_jax.errors import ConfigError
 from biflow_jax.models import tarflow
 from biflow_jax.models.reverse import PRESETS, ReverseViT
 from biflow_jax.models.tarflow import TARFlow
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 FLOWS = ("tarflow",)
 REVERSE_VARIANTS = tuple(PRESETS)
 
 
 def dtype(name: str, key: str) -> Any:
-    if name not in DTYPES:
-        raise ConfigError(f"{key}={name!r} must be one of {sorted(DTYPES)}")
-    return DTYPES[name]
+    """The jnp dtype a config names (`architecture.DTYPES`); ConfigError naming `key` otherwise."""
+    try:
+        return getattr(jnp, architecture.check_dtype(name, key))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def build_flow(cfg: Any) -> TARFlow:
@@ -33,7 +35,6 @@ def build_flow(cfg: Any) -> TARFlow:
     name = cfg.get("name", "tarflow")
     if name not in FLOWS:
         raise ConfigError(f"model.name={name!r} is not a known flow; choose from {FLOWS}")
-    dtype(cfg["dtype"], "model.dtype")
     try:
         return tarflow.build_flow(cfg)
     except ValueError as err:  # an unusable option value: a config error, named by its key

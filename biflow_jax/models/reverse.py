@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from biflow_jax.models.attention import attention
-from biflow_jax.models.dense import flat_dot_general
+from biflow_jax import architecture
+from biflow_jax.models.layers import Attention, GatedMLP, dense, layer_norm, make_norm, rope_tables
 
 Array = jax.Array
 
@@ -57,23 +57,6 @@ class ReverseOutput:
     hiddens: tuple[Array, ...]
 
 
-def rms_norm(x: Array, eps: float = 1e-6) -> Array:
-    """Scale-free RMS normalisation over the last axis, computed in float32."""
-    x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm with a learned per-channel scale (used for QK-norm)."""
-
-    eps: float = 1e-6
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        return (rms_norm(x.astype(jnp.float32), self.eps) * scale).astype(x.dtype)
-
-
 def sincos_2d_positions(grid: int, width: int) -> np.ndarray:
     """Fixed (grid*grid, width) absolute positions: half the channels code the row, half the column."""
     if width % 4:
@@ -86,30 +69,6 @@ def sincos_2d_positions(grid: int, width: int) -> np.ndarray:
         angles = coord[:, None] * freqs[None]
         parts += [np.sin(angles), np.cos(angles)]
     return np.concatenate(parts, axis=1).astype(np.float32)
-
-
-def rope_2d_angles(grid: int, head_dim: int, base: float = 100.0) -> np.ndarray:
-    """Rotation angles (T, head_dim/2): the first half rotates by the row index, the second by the column.
-
-    The base is small (100) because the grid is at most a few dozen tokens wide.
-    """
-    if head_dim % 4:
-        raise ValueError(f"head_dim={head_dim} must be a multiple of 4 for 2D rotary embeddings")
-    quarter = head_dim // 4
-    freqs = 1.0 / base ** (np.arange(quarter) / quarter)
-    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
-    return np.concatenate(
-        [rows.reshape(-1, 1) * freqs[None], cols.reshape(-1, 1) * freqs[None]], axis=1
-    ).astype(np.float32)
-
-
-def apply_rope(x: Array, angles: Array) -> Array:
-    """Rotate channel pairs (j, j + head_dim/2) of x (N, T, heads, head_dim) by `angles` (T, head_dim/2)."""
-    x32 = x.astype(jnp.float32)
-    first, second = jnp.split(x32, 2, axis=-1)
-    cos = jnp.cos(angles)[None, :, None, :]
-    sin = jnp.sin(angles)[None, :, None, :]
-    return jnp.concatenate([first * cos - second * sin, first * sin + second * cos], axis=-1).astype(x.dtype)
 
 
 def guidance_frequencies(w: Array, dim: int, scale: float = 1000.0, max_period: float = 10000.0) -> Array:
@@ -125,53 +84,9 @@ def modulate(x: Array, shift: Array, scale: Array) -> Array:
     return x * (1 + scale) + shift
 
 
-def dense(features: int, dtype: Any, name: str, zero: bool = False, use_bias: bool = True) -> nn.Dense:
-    """Dense with float32 params: xavier-uniform (ViT/DiT convention) or all zeros (adaLN-zero, heads)."""
-    return nn.Dense(
-        features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
-        kernel_init=nn.initializers.zeros if zero else nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.zeros, dot_general=flat_dot_general,
-    )
-
-
-class Attention(nn.Module):
-    """Bidirectional multi-head self-attention with QK-norm and 2D RoPE."""
-
-    width: int
-    heads: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, angles: Array) -> Array:
-        n, t, _ = x.shape
-        head_dim = self.width // self.heads
-        qkv = dense(3 * self.width, self.dtype, "qkv")(x).reshape(n, t, 3, self.heads, head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q = apply_rope(RMSNorm(name="q_norm")(q), angles)
-        k = apply_rope(RMSNorm(name="k_norm")(k), angles)
-        # No mask: every token sees every token. dot_product_attention on accelerators, the
-        # head-major XLA path on CPU (models/attention.py).
-        out = attention(q, k, v, causal=False)
-        return dense(self.width, self.dtype, "proj")(out.reshape(n, t, self.width))
-
-
-class SwiGLU(nn.Module):
-    """silu(x W_gate) * (x W_up) W_down."""
-
-    width: int
-    hidden: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        gate, up = jnp.split(dense(2 * self.hidden, self.dtype, "gate_up")(x), 2, axis=-1)
-        return dense(self.width, self.dtype, "down")(nn.silu(gate) * up)
-
-
-def swiglu_hidden(width: int, mlp_ratio: float) -> int:
-    """2/3 of the GELU-MLP hidden width (equal parameter count), rounded up to a multiple of 8."""
-    hidden = int(2 * mlp_ratio * width / 3)
-    return -(-hidden // 8) * 8
+def rms_normalize(x: Array) -> Array:
+    """Scale-free RMS normalisation (in float32), what adaLN then modulates."""
+    return layer_norm(x, make_norm("rmsnorm", x.dtype, eps=architecture.REVERSE_NORM_EPS, use_scale=False))
 
 
 class ReverseBlock(nn.Module):
@@ -187,14 +102,17 @@ class ReverseBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, cond: Array, angles: Array) -> Array:
-        mod = dense(6 * self.width, self.dtype, "adaln", zero=True)(nn.silu(cond))[:, None]
+    def __call__(self, x: Array, cond: Array, rope: tuple[Array, Array]) -> Array:
+        w = self.width
+        mod = dense(6 * w, w, self.dtype, "adaln", "xavier", zero_kernel=True)(nn.silu(cond))[:, None]
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
-        h = modulate(rms_norm(x), shift_a, scale_a)
-        x = x + gate_a * Attention(self.width, self.heads, self.dtype, name="attention")(h, angles)
-        h = modulate(rms_norm(x), shift_m, scale_m)
-        hidden = swiglu_hidden(self.width, self.mlp_ratio)
-        return x + gate_m * SwiGLU(self.width, hidden, self.dtype, name="mlp")(h)
+        # Bidirectional (every token sees every token), QK-norm, 2D RoPE; no pre-norm: adaLN modulates.
+        attention = Attention(w, w // self.heads, self.dtype, "rmsnorm", qk_norm=True, pre_norm=False, causal=False,
+                              norm_eps=architecture.REVERSE_NORM_EPS, init="xavier",
+                              rope_pairing=architecture.REVERSE_ROPE["pairing"], name="attention")
+        x = x + gate_a * attention(modulate(rms_normalize(x), shift_a, scale_a), 1.0, rope)
+        mlp = GatedMLP(w, architecture.swiglu_hidden(w, self.mlp_ratio), self.dtype, init="xavier", name="mlp")
+        return x + gate_m * mlp(modulate(rms_normalize(x), shift_m, scale_m))
 
 
 class StageHead(nn.Module):
@@ -212,21 +130,14 @@ class StageHead(nn.Module):
 
     @nn.compact
     def __call__(self, h: Array, cond: Array) -> Array:
+        w = self.width
         if self.modulated:
-            mod = dense(2 * self.width, self.dtype, "adaln", zero=True)(nn.silu(cond))[:, None]
+            mod = dense(2 * w, w, self.dtype, "adaln", "xavier", zero_kernel=True)(nn.silu(cond))[:, None]
             shift, scale = jnp.split(mod, 2, axis=-1)
-            h = modulate(rms_norm(h), shift, scale)
+            h = modulate(rms_normalize(h), shift, scale)
         else:
-            h = RMSNorm(name="norm")(h)
-        return dense(self.token_dim, self.dtype, "proj", zero=True)(h).astype(jnp.float32)
-
-
-def even_stage_split(depth: int, num_stages: int) -> tuple[int, ...]:
-    """`depth` layers over `num_stages` stages; the first `depth % num_stages` stages get one more."""
-    if depth < num_stages:
-        raise ValueError(f"depth={depth} is smaller than the number of stages {num_stages}; every stage needs a layer")
-    base, extra = divmod(depth, num_stages)
-    return tuple(base + (k < extra) for k in range(num_stages))
+            h = layer_norm(h, make_norm("rmsnorm", self.dtype, "norm", architecture.REVERSE_NORM_EPS))
+        return dense(self.token_dim, w, self.dtype, "proj", "xavier", zero_kernel=True)(h).astype(jnp.float32)
 
 
 class ReverseViT(nn.Module):
@@ -258,13 +169,7 @@ class ReverseViT(nn.Module):
 
     @property
     def stage_sizes(self) -> tuple[int, ...]:
-        if self.layers_per_stage is None:
-            return even_stage_split(self.depth, self.num_stages)
-        sizes = tuple(int(s) for s in self.layers_per_stage)
-        if len(sizes) != self.num_stages or min(sizes) < 1:
-            raise ValueError(f"layers_per_stage={sizes} must list {self.num_stages} positive layer counts "
-                             f"(num_forward_blocks + 1)")
-        return sizes
+        return architecture.stage_sizes(self.depth, self.num_forward_blocks, self.layers_per_stage)
 
     @property
     def grid(self) -> int:
@@ -276,7 +181,7 @@ class ReverseViT(nn.Module):
     def setup(self):
         if self.width % self.heads:
             raise ValueError(f"width={self.width} is not divisible by heads={self.heads}")
-        self.embed = dense(self.width, self.dtype, "embed")
+        self.embed = dense(self.width, self.token_dim, self.dtype, "embed", "xavier")
         self.class_embed = nn.Embed(self.num_classes + 1, self.width, param_dtype=jnp.float32,
                                     embedding_init=nn.initializers.normal(0.02), name="class_embed")
         if self.guidance_conditioning:
@@ -290,7 +195,8 @@ class ReverseViT(nn.Module):
         self.heads_ = [StageHead(self.width, self.token_dim, k == self.num_stages - 1, self.dtype, name=f"heads_{k}")
                        for k in range(self.num_stages)]
         if self.stage_bottleneck:
-            self.reembed = [dense(self.width, self.dtype, f"reembed_{k}") for k in range(self.num_stages - 1)]
+            self.reembed = [dense(self.width, self.token_dim, self.dtype, f"reembed_{k}", "xavier")
+                            for k in range(self.num_stages - 1)]
 
     def label_index(self, y: Array | None, batch: int) -> Array:
         """Row of the label table: y in [0, K) itself; y < 0 (dropped), y = K, or None -> K (null token).
@@ -339,13 +245,13 @@ class ReverseViT(nn.Module):
                 c_part, u_part = pair[:n], pair[n:]
                 return ((1 + s) * c_part - s * u_part).astype(pair.dtype)
         cond = cond.astype(self.dtype)
-        angles = jnp.asarray(rope_2d_angles(self.grid, self.width // self.heads))
+        rope = rope_tables(self.grid, self.width // self.heads, **architecture.REVERSE_ROPE)
 
         h = self.embed(z.astype(self.dtype)) + self.positions()
         outputs, hiddens, layer = [], [], 0
         for k, size in enumerate(self.stage_sizes):
             for _ in range(size):
-                h = self.blocks[layer](h, cond, angles)
+                h = self.blocks[layer](h, cond, rope)
                 layer += 1
             if guided:
                 h = jnp.concatenate([mix(h)] * 2, axis=0)

@@ -1,6 +1,7 @@
-"""TARFlow: the forward normalizing flow (data -> noise) of Zhai et al. (2024).
+"""TARFlow: the forward normalizing flow (data -> noise) of Zhai et al. (arXiv:2412.06329).
 
-The whole flow in one file, with names that follow the paper and apple/ml-tarflow
+The flow's blocks and builder; the layers it shares with G are `models/layers.py`, its
+widths and options `biflow_jax.architecture`. Names that follow the paper and apple/ml-tarflow
 so that exporting to that PyTorch reference is a rename and a transpose:
 `blocks_{i}` <-> `blocks.{i}`, `attn_blocks_{l}` <-> `attn_blocks.{l}`,
 `main_0`/`main_2` <-> `main.0`/`main.2`; Dense kernels are torch weights transposed.
@@ -9,17 +10,14 @@ Images are NHWC here (JAX convention); tokens keep torch `unfold`'s channel-majo
 order inside a patch, (c, i, j), so exported weights work on NCHW inputs there.
 
 Performance notes (profiled on CPU, kept accelerator-ready):
-- the attention kernels (CPU and accelerator paths) live in `models/attention.py`;
-- every Dense contracts on a 2D (N*T, C) view (`models/dense.py`), so the kernel gradients are
-  plain GEMMs on XLA:CPU's fast dot path;
-- exact GELU as 0.5 x (1 + erf(x / sqrt 2)) (torch's formula): `jax.nn.gelu(approximate=False)`
-  goes through erfc, about 2.5x slower on CPU;
+- the attention kernels (CPU and accelerator paths) live in `models/attention.py`, the
+  2D-view Dense and exact-GELU formula in `models/layers.py`;
 - the KV cache is (N, heads, rows, head_dim), split into a read-only `past` and the
   `chunk` a decode loop fills (`Attention.decode`, `advance_cache`): a sampler that splits
   its token loop into segments attends only to the filled prefix, and XLA's per-step copy
   of the loop-carried cache (CPU copy insertion) shrinks to the chunk;
 - `scan_layers` puts each block's layers under `nn.scan` (params stacked on a leading
-  axis: convert with `stack_layer_params` / `unstack_layer_params`), and `remat`
+  axis: convert with `models/param_trees.py`), and `remat`
   ("none" | "full" | "dots") rematerialises each layer in the backward pass.
 
 Improved-TARFlow options (STARFlow arXiv:2506.06276, R-REPA arXiv:2511.22345), each off by
@@ -39,7 +37,6 @@ output of proj_out; ours clips a only), and `mlp="geglu_starflow"` is STARFlow's
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -47,15 +44,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from biflow_jax.models.attention import apply_rope, causal_attention, decode_attention, rope_tables
-from biflow_jax.models.dense import flat_dot_general
+from biflow_jax import architecture
+from biflow_jax.models.layers import MLP, Attention, GatedMLP, LayerCache, accum_dtype, dense, rope_tables
 
 Array = jax.Array
-# Per layer (past_k, past_v, chunk_k, chunk_v), each (N, heads, rows, head_dim): see Attention.decode.
-# With scan_layers a single such tuple, every array stacked over the layers (L, N, heads, rows, head_dim).
-LayerCache = tuple[Array, Array, Array, Array]
+# Per layer a `LayerCache` (past_k, past_v, chunk_k, chunk_v), each (N, heads, rows, head_dim): see
+# layers.Attention.decode. With scan_layers a single such tuple, stacked over the layers (L, N, heads, rows, head_dim).
 KVCache = tuple[LayerCache, ...]
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 def patchify(x: Array, patch_size: int) -> Array:
@@ -76,39 +71,6 @@ def unpatchify(tokens: Array, patch_size: int, height: int, width: int, channels
     return x.reshape(n, height, width, channels)
 
 
-def torch_uniform(fan_in: int):
-    """PyTorch nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for kernel and bias."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def linear(features: int, fan_in: int, dtype: Any, name: str, zero_kernel: bool = False) -> nn.Dense:
-    """A Dense layer initialised like torch.nn.Linear (the reference the paper's numbers come from)."""
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.initializers.zeros if zero_kernel else torch_uniform(fan_in),
-        bias_init=torch_uniform(fan_in),
-        dot_general=flat_dot_general,
-        name=name,
-    )
-
-
-def accum_dtype(dtype: Any) -> Any:
-    """float32 for float32/bfloat16 compute (arXiv:2412.06329: LayerNorm and exp in float32); float64 stays."""
-    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
-
-
-def layer_norm(x: Array, module: nn.LayerNorm) -> Array:
-    """LayerNorm computed in float32 (float64 for float64 models) whatever the compute dtype."""
-    return module(x.astype(accum_dtype(x.dtype))).astype(x.dtype)
-
-
 def soft_clip(a: Array, clip: float) -> Array:
     """Norm control: bound the log-scale smoothly to (-clip, clip); clip <= 0 disables it."""
     if clip <= 0:
@@ -116,157 +78,14 @@ def soft_clip(a: Array, clip: float) -> Array:
     return clip * jnp.tanh(a / clip)
 
 
-# The optional `config.model` keys and their defaults (the ml-tarflow model): a run saved before a key
-# existed is read with its default.
-OPTION_DEFAULTS = dict(scan_layers=False, remat="none", rope=False, norm="layernorm", qk_norm=False, mlp="gelu",
-                       block_layers=(), clip_shift=False)
-NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu", "geglu_starflow")
-
-
-def make_norm(kind: str, dtype: Any, name: str) -> nn.Module:
-    """A pre-norm of the given kind (eps 1e-5 as in torch), parameters float32, maths in `accum_dtype`."""
-    if kind == "rmsnorm":
-        return nn.RMSNorm(epsilon=1e-5, dtype=accum_dtype(dtype), param_dtype=jnp.float32, name=name)
-    return nn.LayerNorm(epsilon=1e-5, dtype=accum_dtype(dtype), param_dtype=jnp.float32, name=name)
-
-
-class Attention(nn.Module):
-    """Pre-norm multi-head self-attention with a causal mask, or one cached decoding step.
-
-    `rope`, where given, is the (cos, sin) pair of the tokens being processed (see `rope_tables`).
-    """
-
-    channels: int
-    head_dim: int = 64
-    dtype: Any = jnp.float32
-    norm_kind: str = "layernorm"
-    qk_norm: bool = False
-
-    def setup(self):
-        if self.channels % self.head_dim:
-            raise ValueError(f"channels={self.channels} is not a multiple of head_dim={self.head_dim}")
-        self.num_heads = self.channels // self.head_dim
-        self.norm = make_norm(self.norm_kind, self.dtype, "norm")
-        if self.qk_norm:  # one (head_dim,) norm shared by every head, for q and for k
-            self.q_norm = make_norm(self.norm_kind, self.dtype, "q_norm")
-            self.k_norm = make_norm(self.norm_kind, self.dtype, "k_norm")
-        self.qkv = linear(3 * self.channels, self.channels, self.dtype, "qkv")
-        self.proj = linear(self.channels, self.channels, self.dtype, "proj")
-
-    def _qkv(self, x: Array, rope: tuple[Array, Array] | None = None) -> tuple[Array, Array, Array]:
-        n, t, _ = x.shape
-        qkv = self.qkv(layer_norm(x, self.norm))
-        q, k, v = jnp.split(qkv, 3, axis=-1)
-        shape = (n, t, self.num_heads, self.head_dim)
-        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
-        if self.qk_norm:
-            q, k = layer_norm(q, self.q_norm), layer_norm(k, self.k_norm)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return q, k, v
-
-    def __call__(self, x: Array, temp: Array | float = 1.0, rope: tuple[Array, Array] | None = None) -> Array:
-        q, k, v = self._qkv(x, rope)
-        out = causal_attention(q, k, v, temp, accum_dtype(self.dtype))
-        return self.proj(out.reshape(x.shape[0], x.shape[1], self.channels))
-
-    def decode(self, x: Array, cache: LayerCache, index: Array, temp: Array | float = 1.0,
-               rope: tuple[Array, Array] | None = None):
-        """Attend from the single token `x` (N, 1, C) at position `index` to positions 0..index.
-
-        `cache` = (past_k, past_v, chunk_k, chunk_v), each (N, heads, rows, head_dim): `past`
-        holds positions 0..S-1 (all filled, read only), `chunk` positions S..S+C-1 of which
-        those below `index` are filled; this token's k/v are written to chunk row index - S
-        (with RoPE, the rotated k: `rope` is this token's (1, head_dim) cos/sin).
-        Shapes are static, so the cache lives in lax loops; a sampler that splits its token
-        loop into segments (`advance_cache`) reads only the filled prefix, and since the
-        loop-carried chunk is small, so is any copy XLA makes of it.
-        """
-        q, k, v = self._qkv(x, rope)
-        past_k, past_v, chunk_k, chunk_v = cache
-        n = x.shape[0]
-        heads = (n, self.num_heads, self.head_dim)
-        q, k, v = q.reshape(heads), k.reshape(heads), v.reshape(heads)
-        row = index - past_k.shape[-2]
-        out = decode_attention(q, (past_k, past_v), (chunk_k, chunk_v), row, (k, v), temp, accum_dtype(self.dtype))
-        zero = jnp.zeros((), jnp.int32)
-        chunk_k = jax.lax.dynamic_update_slice(chunk_k, k[:, :, None].astype(chunk_k.dtype), (zero, zero, row, zero))
-        chunk_v = jax.lax.dynamic_update_slice(chunk_v, v[:, :, None].astype(chunk_v.dtype), (zero, zero, row, zero))
-        out = self.proj(out.astype(self.dtype).reshape(n, 1, self.channels))
-        return out, (past_k, past_v, chunk_k, chunk_v)
-
-
-def gelu_exact(x: Array) -> Array:
-    """Exact (erf) GELU, 0.5 x (1 + erf(x / sqrt 2)): torch.nn.GELU()'s formula. Same function as
-    `jax.nn.gelu(x, approximate=False)` (which uses erfc), about 2.5x faster on CPU."""
-    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
-
-
-class MLP(nn.Module):
-    """Pre-norm MLP with exact GELU; `main_0`/`main_2` mirror the reference's Sequential indices."""
-
-    channels: int
-    expansion: int = 4
-    dtype: Any = jnp.float32
-    norm_kind: str = "layernorm"
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        h = layer_norm(x, make_norm(self.norm_kind, self.dtype, "norm"))
-        h = linear(self.channels * self.expansion, self.channels, self.dtype, "main_0")(h)
-        h = gelu_exact(h)
-        return linear(self.channels, self.channels * self.expansion, self.dtype, "main_2")(h)
-
-
-def swiglu_hidden(channels: int, expansion: int) -> int:
-    """SwiGLU's hidden width: 2/3 of the GELU MLP's (same parameter count), rounded up to a multiple of 8."""
-    raw = -(-2 * expansion * channels // 3)  # ceil(2 e c / 3)
-    return -(-raw // 8) * 8
-
-
-class SwiGLU(nn.Module):
-    """Pre-norm gated MLP, down(silu(gate) * up) (Shazeer, arXiv:2002.05202); `gate_up` holds
-    [gate | up] side by side so one matmul computes both."""
-
-    channels: int
-    expansion: int = 4
-    dtype: Any = jnp.float32
-    norm_kind: str = "layernorm"
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        hidden = swiglu_hidden(self.channels, self.expansion)
-        h = layer_norm(x, make_norm(self.norm_kind, self.dtype, "norm"))
-        gate, up = jnp.split(linear(2 * hidden, self.channels, self.dtype, "gate_up")(h), 2, axis=-1)
-        return linear(self.channels, hidden, self.dtype, "down")(jax.nn.silu(gate) * up)
-
-
-def gelu_tanh(x: Array) -> Array:
-    """GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): torch's
-    F.gelu(approximate='tanh'), the gate of STARFlow's MLP."""
-    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
-
-
-class StarflowGatedMLP(nn.Module):
-    """STARFlow's gated MLP (arXiv:2506.06276, `use_swiglu` in its code): down(gelu_tanh(gate) * up)
-    with hidden width C * expansion and three separate Dense layers. Not our `SwiGLU`."""
-
-    channels: int
-    expansion: int = 4
-    dtype: Any = jnp.float32
-    norm_kind: str = "layernorm"
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        hidden = self.channels * self.expansion
-        h = layer_norm(x, make_norm(self.norm_kind, self.dtype, "norm"))
-        gate = linear(hidden, self.channels, self.dtype, "gate_proj")(h)
-        up = linear(hidden, self.channels, self.dtype, "up_proj")(h)
-        return linear(self.channels, hidden, self.dtype, "down_proj")(gelu_tanh(gate) * up)
-
-
-MLP_CLASSES = {"gelu": MLP, "swiglu": SwiGLU, "geglu_starflow": StarflowGatedMLP}
+def flow_mlp(kind: str, channels: int, expansion: int, dtype: Any, norm_kind: str) -> nn.Module:
+    """The flow's pre-norm MLP of `model.mlp` kind: exact-GELU (ml-tarflow), our SwiGLU (SiLU gate,
+    one `gate_up` matmul) or STARFlow's gated MLP (arXiv:2506.06276; tanh-GELU gate, separate layers)."""
+    hidden = architecture.mlp_hidden(kind, channels, expansion)
+    if kind == "gelu":
+        return MLP(channels, hidden, dtype, norm_kind)
+    swiglu = kind == "swiglu"
+    return GatedMLP(channels, hidden, dtype, gate="silu" if swiglu else "gelu_tanh", fused=swiglu, norm_kind=norm_kind)
 
 
 class AttentionBlock(nn.Module):
@@ -282,7 +101,7 @@ class AttentionBlock(nn.Module):
 
     def setup(self):
         self.attention = Attention(self.channels, self.head_dim, self.dtype, self.norm_kind, self.qk_norm)
-        self.mlp = MLP_CLASSES[self.mlp_kind](self.channels, self.expansion, self.dtype, self.norm_kind)
+        self.mlp = flow_mlp(self.mlp_kind, self.channels, self.expansion, self.dtype, self.norm_kind)
 
     def __call__(self, x: Array, temp: Array | float = 1.0, rope: tuple[Array, Array] | None = None) -> Array:
         x = x + self.attention(x, temp, rope)
@@ -295,10 +114,16 @@ class AttentionBlock(nn.Module):
         return x + self.mlp(x), cache
 
 
+def block_order(tokens: Array, flip: bool) -> Array:
+    """Raster <-> a block's token order (reversed where the block flips; a flip is its own inverse).
+    Which blocks flip: `architecture.block_flipped`."""
+    return tokens[:, ::-1] if flip else tokens
+
+
 def remat_policy(name: str):
     """`model.remat` -> (rematerialise?, jax.checkpoint policy)."""
-    if name not in REMAT_POLICIES:
-        raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {name!r}")
+    if name not in architecture.REMAT_POLICIES:
+        raise ValueError(f"model.remat must be one of {architecture.REMAT_POLICIES}, got {name!r}")
     policies = {"none": None, "full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
                 "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
     return name != "none", policies[name]
@@ -330,7 +155,7 @@ class MetaBlock(nn.Module):
     clip_shift: bool = False  # soft-clip b as well as a (STARFlow)
 
     def setup(self):
-        self.proj_in = linear(self.channels, self.token_dim, self.dtype, "proj_in")
+        self.proj_in = dense(self.channels, self.token_dim, self.dtype, "proj_in")
         if not self.rope:  # RoPE carries the positions instead of a learned table
             self.pos_embed = self.param(
                 "pos_embed", nn.initializers.normal(0.01), (self.num_tokens, self.channels), jnp.float32
@@ -348,18 +173,18 @@ class MetaBlock(nn.Module):
             self.attn_blocks = layer_cls(*layer_args, name="attn_blocks")
         else:
             self.attn_blocks = [layer_cls(*layer_args, name=f"attn_blocks_{l}") for l in range(self.num_layers)]
-        self.proj_out = linear(2 * self.token_dim, self.channels, self.dtype, "proj_out", zero_kernel=True)
-
-    def permute(self, x: Array) -> Array:
-        """The block's token order; a flip is its own inverse."""
-        return x[:, ::-1] if self.flip else x
+        self.proj_out = dense(2 * self.token_dim, self.channels, self.dtype, "proj_out", zero_kernel=True)
 
     def rope_tables(self, index: Array | None = None) -> tuple[Array, Array] | None:
         """This block's RoPE (cos, sin), (T, head_dim) in block order, or the (1, head_dim) row of
         block-order position `index`; None without RoPE."""
         if not self.rope:
             return None
-        return rope_tables(math.isqrt(self.num_tokens), self.head_dim, self.flip, accum_dtype(self.dtype), index)
+        cos, sin = rope_tables(math.isqrt(self.num_tokens), self.head_dim, **architecture.FLOW_ROPE, flip=self.flip,
+                               dtype=accum_dtype(self.dtype))
+        if index is None:
+            return cos, sin
+        return jax.lax.dynamic_slice_in_dim(cos, index, 1), jax.lax.dynamic_slice_in_dim(sin, index, 1)
 
     def embed(self, x_perm: Array, index: Array | None = None) -> Array:
         """proj_in of block-ordered tokens plus the learned position (all T, or the one at `index`)."""
@@ -421,12 +246,13 @@ class MetaBlock(nn.Module):
         return soft_clip(a, self.clip), soft_clip(b, self.clip) if self.clip_shift else b
 
     def __call__(self, x: Array, y: Array | None = None,
-                 class_mix: Array | None = None) -> tuple[Array, Array, tuple[Array, ...]]:
-        """x (N, T, D) -> z = (x - b) * exp(-a), per-sample log|det| / dims, layer hiddens."""
-        x_perm = self.permute(x).astype(accum_dtype(self.dtype))
+                 class_mix: Array | None = None) -> tuple[Array, Array, tuple[Array, ...], tuple[Array, Array]]:
+        """x (N, T, D) -> z = (x - b) * exp(-a), per-sample log|det| / dims, layer hiddens, and (a, b)
+        (block order)."""
+        x_perm = block_order(x, self.flip).astype(accum_dtype(self.dtype))
         a, b, hiddens = self.transform(x_perm, y, 1.0, class_mix)
         z = (x_perm - b) * jnp.exp(-a)
-        return self.permute(z), -a.mean(axis=(1, 2)), hiddens
+        return block_order(z, self.flip), -a.mean(axis=(1, 2)), hiddens, (a, b)
 
     def init_cache(self, batch: int, dtype: Any = None, rows: int | None = None) -> KVCache:
         """An empty cache: no past, a zero chunk of `rows` positions (default all T) per layer."""
@@ -471,12 +297,15 @@ class FlowOutput:
     z: (N, T, D) noise tokens. logdets: (N, B) per-block log|det| divided by the number
     of dimensions. trajectory: B+1 token arrays x^0 (input) ... x^B (= z), raster order.
     hiddens: per block, the hidden state after each layer (N, T, C), block token order.
+    affine: per block its (a, b) (N, T, D), block token order, when asked for (`with_affine`;
+    R-REPA's teacher-forced inverse reuses them), else ().
     """
 
     z: Array
     logdets: Array
     trajectory: tuple[Array, ...]
     hiddens: tuple[tuple[Array, ...], ...]
+    affine: tuple[tuple[Array, Array], ...] = ()
 
 
 class TARFlow(nn.Module):
@@ -505,7 +334,7 @@ class TARFlow(nn.Module):
     @property
     def layer_counts(self) -> tuple[int, ...]:
         """Layers of each block, in forward (data -> noise) order."""
-        return tuple(self.block_layers) or (self.layers_per_block,) * self.num_blocks
+        return architecture.layer_counts(self.num_blocks, self.layers_per_block, self.block_layers)
 
     @property
     def num_tokens(self) -> int:
@@ -518,11 +347,12 @@ class TARFlow(nn.Module):
     def setup(self):
         if self.img_size % self.patch_size:
             raise ValueError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}")
-        check_options(self.num_blocks, self.head_dim, self.rope, self.norm, self.mlp, self.block_layers)
+        architecture.check_flow_options(self.num_blocks, self.head_dim, self.rope, self.norm, self.mlp,
+                                        self.block_layers, self.remat)
         self.blocks = [
             MetaBlock(
                 token_dim=self.token_dim, channels=self.channels, num_tokens=self.num_tokens,
-                num_layers=layers, flip=bool(i % 2), num_classes=self.num_classes,
+                num_layers=layers, flip=architecture.block_flipped(i), num_classes=self.num_classes,
                 head_dim=self.head_dim, expansion=self.expansion, clip=self.clip, dtype=self.dtype,
                 scan_layers=self.scan_layers, remat=self.remat, rope=self.rope, norm_kind=self.norm,
                 qk_norm=self.qk_norm, mlp_kind=self.mlp, clip_shift=self.clip_shift, name=f"blocks_{i}",
@@ -536,18 +366,21 @@ class TARFlow(nn.Module):
             raise ValueError(f"expected images of shape (N, {expected[0]}, {expected[1]}, {expected[2]}) (NHWC), "
                              f"got {tuple(x.shape)}")
 
-    def __call__(self, x: Array, y: Array | None = None, class_mix: Array | None = None) -> FlowOutput:
-        """`class_mix` (N, K), if given, replaces the label by a soft mixture of class embeddings."""
+    def __call__(self, x: Array, y: Array | None = None, class_mix: Array | None = None,
+                 with_affine: bool = False) -> FlowOutput:
+        """`class_mix` (N, K), if given, replaces the label by a soft mixture of class embeddings;
+        `with_affine` also returns each block's (a, b)."""
         self.check_images(x)
         tokens = patchify(x.astype(accum_dtype(self.dtype)), self.patch_size)
-        trajectory, logdets, hiddens = [tokens], [], []
+        trajectory, logdets, hiddens, affine = [tokens], [], [], []
         for block in self.blocks:
-            tokens, logdet, h = block(tokens, y, class_mix)
+            tokens, logdet, h, ab = block(tokens, y, class_mix)
             trajectory.append(tokens)
             logdets.append(logdet)
             hiddens.append(h)
-        return FlowOutput(z=tokens, logdets=jnp.stack(logdets, axis=1),
-                          trajectory=tuple(trajectory), hiddens=tuple(hiddens))
+            affine.append(ab)
+        return FlowOutput(z=tokens, logdets=jnp.stack(logdets, axis=1), trajectory=tuple(trajectory),
+                          hiddens=tuple(hiddens), affine=tuple(affine) if with_affine else ())
 
     def to_images(self, tokens: Array) -> Array:
         return unpatchify(tokens, self.patch_size, self.img_size, self.img_size, self.in_channels)
@@ -566,20 +399,6 @@ class TARFlow(nn.Module):
 
     def init_caches(self, batch: int, dtype: Any = None, rows: int | None = None) -> tuple[KVCache, ...]:
         return tuple(block.init_cache(batch, dtype, rows) for block in self.blocks)
-
-
-def check_options(num_blocks: int, head_dim: int, rope: bool, norm: str, mlp: str,
-                  block_layers: tuple[int, ...]) -> None:
-    """Raise ValueError naming the `model.*` key of an unusable improved-flow option."""
-    if norm not in NORMS:
-        raise ValueError(f"model.norm must be one of {NORMS}, got {norm!r}")
-    if mlp not in MLPS:
-        raise ValueError(f"model.mlp must be one of {MLPS}, got {mlp!r}")
-    if rope and head_dim % 4:
-        raise ValueError(f"model.rope needs model.head_dim divisible by 4 (2D RoPE), got {head_dim}")
-    if block_layers and (len(block_layers) != num_blocks or min(block_layers) < 1):
-        raise ValueError(f"model.block_layers must give num_blocks={num_blocks} positive layer counts, "
-                         f"got {tuple(block_layers)}")
 
 
 def advance_cache(cache: KVCache, rows: int) -> KVCache:
@@ -602,66 +421,11 @@ def build_flow(cfg: Any) -> TARFlow:
     `block_layers`, `clip_shift`) are optional keys whose defaults build the ml-tarflow model, so older
     configs build the same model as before.
     """
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
-    if cfg["dtype"] not in dtypes:
-        raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {cfg['dtype']!r}")
-    remat = cfg.get("remat", "none") or "none"
-    remat_policy(remat)
-    block_layers = tuple(int(n) for n in (cfg.get("block_layers", ()) or ()))
-    check_options(cfg["num_blocks"], cfg["head_dim"], bool(cfg.get("rope", False)),
-                  cfg.get("norm", "layernorm") or "layernorm", cfg.get("mlp", "gelu") or "gelu", block_layers)
+    dtype = getattr(jnp, architecture.check_dtype(cfg["dtype"], "model.dtype"))
+    options = architecture.flow_options(cfg)
     return TARFlow(
         img_size=cfg["img_size"], in_channels=cfg["in_channels"], patch_size=cfg["patch_size"],
         channels=cfg["channels"], num_blocks=cfg["num_blocks"], layers_per_block=cfg["layers_per_block"],
         num_classes=cfg["num_classes"], head_dim=cfg["head_dim"], expansion=cfg["expansion"],
-        clip=cfg["clip"], dtype=dtypes[cfg["dtype"]], scan_layers=bool(cfg.get("scan_layers", False)),
-        remat=remat, rope=bool(cfg.get("rope", False)), norm=cfg.get("norm", "layernorm") or "layernorm",
-        qk_norm=bool(cfg.get("qk_norm", False)), mlp=cfg.get("mlp", "gelu") or "gelu",
-        block_layers=block_layers, clip_shift=bool(cfg.get("clip_shift", False)),
+        clip=cfg["clip"], dtype=dtype, **options,
     )
-
-
-def _layer_index(name: str) -> int | None:
-    prefix = "attn_blocks_"
-    return int(name[len(prefix):]) if name.startswith(prefix) and name[len(prefix):].isdigit() else None
-
-
-def stack_layer_params(params: Any) -> Any:
-    """Per-layer flow params (`blocks_i/attn_blocks_{l}/...`, the export and checkpoint layout) ->
-    the `scan_layers` layout (`blocks_i/attn_blocks/...`, every leaf stacked on a new leading
-    layer axis). Accepts the variables dict ({"params": ...}) or the bare params; keeps its form."""
-    if "params" in params and isinstance(params["params"], Mapping):
-        return {**params, "params": stack_layer_params(params["params"])}
-    out = {}
-    for name, block in params.items():
-        layers = sorted((i, sub) for sub in block if (i := _layer_index(sub)) is not None)
-        if not name.startswith("blocks_") or not layers:
-            out[name] = block
-            continue
-        if [i for i, _ in layers] != list(range(len(layers))):
-            raise ValueError(f"{name}: layers {[i for i, _ in layers]} are not 0..{len(layers) - 1}")
-        rest = {k: v for k, v in block.items() if _layer_index(k) is None}
-        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[block[sub] for _, sub in layers])
-        out[name] = {**rest, "attn_blocks": stacked}
-    return out
-
-
-def unstack_layer_params(params: Any) -> Any:
-    """The inverse of `stack_layer_params`: `scan_layers` params -> the per-layer layout."""
-    if "params" in params and isinstance(params["params"], Mapping):
-        return {**params, "params": unstack_layer_params(params["params"])}
-    out = {}
-    for name, block in params.items():
-        if not name.startswith("blocks_") or "attn_blocks" not in block:
-            out[name] = block
-            continue
-        stacked = block["attn_blocks"]
-        num_layers = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-        rest = {k: v for k, v in block.items() if k != "attn_blocks"}
-        layers = {f"attn_blocks_{l}": jax.tree_util.tree_map(lambda x, l=l: x[l], stacked) for l in range(num_layers)}
-        out[name] = {**rest, **layers}
-    return out
-
-
-def count_params(params: Any) -> int:
-    return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

@@ -18,13 +18,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from biflow_jax import model_flops
+from biflow_jax import architecture, model_flops
 from biflow_jax.models import registry
+from biflow_jax.models.param_trees import count_params
 from biflow_jax.objectives import biflow
-
-
-def count(tree: Any) -> int:
-    return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
 
 
 def describe_flow(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -34,13 +31,13 @@ def describe_flow(config: ml_collections.ConfigDict) -> dict[str, Any]:
     grid = config.model.img_size // config.model.patch_size
     layers = (f"{model.layers_per_block} layers" if not model.block_layers
               else f"({', '.join(map(str, model.block_layers))}) layers")
-    options = [name for name, on in (("RoPE", model.rope), ("RMSNorm", model.norm == "rmsnorm"),
-                                     ("QK-norm", model.qk_norm), ("SwiGLU (ours)", model.mlp == "swiglu"),
-                                     ("STARFlow's GEGLU MLP", model.mlp == "geglu_starflow"),
-                                     (f"soft clip {model.clip:g} of log-scale and shift", model.clip_shift)) if on]
+    labels = {"rope": "RoPE", "rmsnorm": "RMSNorm", "qk_norm": "QK-norm", "swiglu": "SwiGLU (ours)",
+              "geglu_starflow": "STARFlow's GEGLU MLP",
+              "clip_shift": f"soft clip {model.clip:g} of log-scale and shift"}
+    options = [labels[name] for name in architecture.options_in_use(config.model) if name in labels]
     return {"name": "flow", "model": f"{config.model.get('name', 'tarflow')} {model.num_blocks} blocks x "
             f"{layers}, width {model.channels}, patch {model.patch_size}" + "".join(f", {o}" for o in options),
-            "params": count(params), "classes": model.num_classes, "tokens": model.num_tokens,
+            "params": count_params(params), "classes": model.num_classes, "tokens": model.num_tokens,
             "token_grid": [grid, grid], "token_dim": model.token_dim,
             "flops_per_image": model_flops.flow_forward(model)}
 
@@ -55,7 +52,7 @@ def describe_biflow(config: ml_collections.ConfigDict) -> dict[str, Any]:
     grid = config.model.img_size // config.model.patch_size
     return {"name": "biflow", "model": f"ReverseViT {config.biflow.model.variant}: depth {fields['depth']}, "
             f"width {fields['width']}, {fields['heads']} heads, {reverse.num_stages} stages",
-            "params": count(params), "classes": reverse.num_classes, "tokens": reverse.num_tokens,
+            "params": count_params(params), "classes": reverse.num_classes, "tokens": reverse.num_tokens,
             "token_grid": [grid, grid], "token_dim": reverse.token_dim,
             "flops_per_image": model_flops.reverse_forward(reverse)}
 

@@ -25,7 +25,7 @@ from biflow_jax import latent_space, model_flops, objectives, optim, runs, shard
 from biflow_jax.evaluators import inception_features, sample_fid
 from biflow_jax.models import registry
 from biflow_jax.models.inception import parameter_shapes
-from biflow_jax.objectives import biflow, flow, perceptual, rrepa
+from biflow_jax.objectives import alignment_teachers, biflow, flow, perceptual, rrepa
 
 PROGRAMS = {"flow": ("train_step", "exact_inverse", "fid_inception"), "biflow": ("train_step", "one_nfe")}
 STORE_DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -76,16 +76,17 @@ def abstract_decoder(config: ml_collections.ConfigDict) -> latent_space.LatentDe
                                       int(latent.get("decode_batch", 64)))
 
 
-def abstract_teacher(align: ml_collections.ConfigDict) -> rrepa.Teacher:
+def abstract_teacher(align: ml_collections.ConfigDict) -> alignment_teachers.Teacher:
     """R-REPA's frozen DINOv2 of `align.encoder`, params abstract."""
     from biflow_jax.models.dino import Dinov2, dinov2_config
 
-    cfg = rrepa.tiny_encoder_config() if align.encoder == rrepa.TINY_ENCODER else dinov2_config(
-        align.encoder, align.registers)
+    teachers = alignment_teachers
+    cfg = (teachers.tiny_encoder_config() if align.encoder == teachers.TINY_ENCODER
+           else dinov2_config(align.encoder, align.registers))
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[align.dtype]
     image = jax.ShapeDtypeStruct((1, cfg.patch_size, cfg.patch_size, 3), jnp.float32)
     params = jax.eval_shape(Dinov2(cfg).init, jax.random.key(0), image)["params"]
-    return rrepa.Teacher(Dinov2(cfg, dtype), params, int(align.resolution))
+    return alignment_teachers.Teacher(Dinov2(cfg, dtype), params, int(align.resolution))
 
 
 def abstract_flow_params(config: ml_collections.ConfigDict, model: Any) -> Any:

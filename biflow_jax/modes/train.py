@@ -15,6 +15,7 @@ import jax
 import ml_collections
 
 from biflow_jax import checkpoint, evaluators, latent_space, objectives, runs, sharding, trainer, workdir_lock
+from biflow_jax.config_checks import validate_parallel
 from biflow_jax.console import say
 from biflow_jax.data import input_pipeline
 from biflow_jax.errors import ConfigError, require
@@ -31,6 +32,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     sample.check_settings(sample.sample_settings(config))
     latent_space.validate(config)  # a latent run's VAE directory, data and evaluators
+    validate_parallel(config)  # one device layout for every stage
     if config.stage in ("flow", "both"):
         objectives.validate(config, "flow")
         evaluators.validate(config, "flow")

@@ -31,7 +31,7 @@ import ml_collections
 
 from biflow_jax import latent_space, likelihood
 from biflow_jax.checkpoint import section_differences
-from biflow_jax.config_checks import validate_loop, validate_parallel
+from biflow_jax.config_checks import validate_loop
 from biflow_jax.errors import ConfigError, require
 from biflow_jax.models import registry
 from biflow_jax.models.reverse import ReverseViT
@@ -162,12 +162,10 @@ def cfg_combine(pred_cond_w: Array, pred_uncond: Array, w: Array | float) -> Arr
     return (pred_cond_w + w * jax.lax.stop_gradient(pred_uncond)) / (1 + w)
 
 
-def sample_guidance_scale(rng: Array, n: int, w_min: float = 0.0, w_max: float = 4.0,
-                          p_zero: float = 0.0) -> Array:
-    """(n,) guidance scales ~ U[w_min, w_max], each set to 0 with probability p_zero."""
-    rng_w, rng_zero = jax.random.split(rng)
-    w = jax.random.uniform(rng_w, (n,), jnp.float32, w_min, w_max)
-    return jnp.where(jax.random.uniform(rng_zero, (n,)) < p_zero, 0.0, w)
+def sample_guidance_scale(keys: Array, w_min: float = 0.0, w_max: float = 4.0) -> Array:
+    """(N,) guidance scales ~ U[w_min, w_max] for training-time CFG, one per example key (N,), so a
+    sample's w does not depend on how the batch is split over devices."""
+    return jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, w_min, w_max))(keys)
 
 
 def guided_training_outputs(reverse_apply: Callable[..., Any], z: Array, y: Array, w: Array) -> tuple[Array, ...]:
@@ -206,7 +204,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "perceptual" in b:
         perceptual.validate(b.perceptual)  # every missing weights file, named, before anything is written
     validate_loop(b.train, b.optim, "biflow.train")
-    validate_parallel(config)
 
 
 def check_flow_matches(config: ml_collections.ConfigDict, flow_config: ml_collections.ConfigDict,
@@ -278,7 +275,7 @@ def make(config: ml_collections.ConfigDict, flow_run: Any, image_fn: perceptual.
             return reverse.apply(params, z, labels, w)
 
         if b.cfg_training:
-            w = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, b.w_min, b.w_max))(keys[:, 2])
+            w = sample_guidance_scale(keys[:, 2], b.w_min, b.w_max)
             stages = guided_training_outputs(apply, trajectory[-1], y, w)
         else:
             stages = apply(trajectory[-1], y, None).stage_outputs

@@ -24,8 +24,8 @@ SAME_RUN_KEYS = ("model", "data.name")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
+    """Stage 1's checks (a latent run's are `latent_space.validate`'s, run once for every stage)."""
     validate_flow_stage(config)
-    latent_space.validate(config)
 
 
 def flow_inputs(train: ml_collections.ConfigDict, num_classes: int, batch: dict, keys: jax.Array,

@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biflow_jax.models.tarflow import TARFlow, advance_cache, unpatchify
+from biflow_jax.architecture import block_flipped
+from biflow_jax.models.layers import accum_dtype
+from biflow_jax.models.tarflow import TARFlow, advance_cache, block_order, unpatchify
 
 Array = jax.Array
 SOLVERS = ("cached", "jacobi", "naive")
@@ -167,16 +169,6 @@ def _full_ab(model, params, index, x_perm, labels, temp, guidance) -> tuple[Arra
     return _guided(a, b, n, guidance, jnp.reshape(g, (1, -1, 1)))
 
 
-def _state_dtype(model: TARFlow) -> Any:
-    """The flow computes a, b and exp in float32, or float64 for a float64 model."""
-    return jnp.float64 if jnp.dtype(model.dtype) == jnp.float64 else jnp.float32
-
-
-def _in_block_order(x: Array, index: int) -> Array:
-    """Block `index` reverses the token order iff it is odd; the flip is its own inverse."""
-    return x[:, ::-1] if index % 2 else x
-
-
 # ---------------------------------------------------------------------------
 # Solvers: each inverts one block; the flow inverse runs them last block first.
 
@@ -197,7 +189,7 @@ def prefix_segments(num_steps: int, segments: int = 0) -> list[tuple[int, int]]:
 
 
 def _invert_block_cached(model, params, index, z, labels, temp, guidance, cache_dtype=None, segments=0):
-    z_perm = _in_block_order(z, index)
+    z_perm = block_order(z, block_flipped(index))
     n, num_tokens, _ = z_perm.shape
     batch = 2 * n if guidance.active else n
 
@@ -223,11 +215,11 @@ def _invert_block_cached(model, params, index, z, labels, temp, guidance, cache_
         else:
             cache = advance_cache(cache, stop - start)
         x, cache = jax.lax.fori_loop(start, stop, step, (x, cache))
-    return _in_block_order(x, index)
+    return block_order(x, block_flipped(index))
 
 
 def _invert_block_naive(model, params, index, z, labels, temp, guidance):
-    z_perm = _in_block_order(z, index)
+    z_perm = block_order(z, block_flipped(index))
     num_tokens = z_perm.shape[1]
 
     def step(t, x):
@@ -238,12 +230,12 @@ def _invert_block_naive(model, params, index, z, labels, temp, guidance):
         return jax.lax.dynamic_update_index_in_dim(x, (z_next * jnp.exp(a_t) + b_t).astype(x.dtype), t + 1, axis=1)
 
     x = jax.lax.fori_loop(0, num_tokens - 1, step, z_perm)
-    return _in_block_order(x, index)
+    return block_order(x, block_flipped(index))
 
 
 def _invert_block_jacobi(model, params, index, z, labels, temp, guidance, tol, max_iters):
     """Fixed-point iteration from x = z; token k is exact after k iterations."""
-    z_perm = _in_block_order(z, index)
+    z_perm = block_order(z, block_flipped(index))
 
     def cond(state):
         _, it, delta = state
@@ -257,13 +249,13 @@ def _invert_block_jacobi(model, params, index, z, labels, temp, guidance, tol, m
 
     init = (z_perm, jnp.zeros((), jnp.int32), jnp.asarray(jnp.inf, z_perm.dtype))
     x, iters, _ = jax.lax.while_loop(cond, body, init)
-    return _in_block_order(x, index), iters
+    return block_order(x, block_flipped(index)), iters
 
 
 @functools.partial(jax.jit, static_argnames=("model", "guidance", "solver", "cache_dtype", "segments"))
 def _inverse_sequential(model, params, z, y, guidance, solver, cache_dtype=None, segments=0):
     labels, temp = _branch_inputs(y, z.shape[0], guidance)
-    x = z.astype(_state_dtype(model))
+    x = z.astype(accum_dtype(model.dtype))  # a, b and exp: float32, float64 for a float64 model
     for index in reversed(range(model.num_blocks)):
         if solver == "cached":
             x = _invert_block_cached(model, params, index, x, labels, temp, guidance, cache_dtype, segments)
@@ -275,7 +267,7 @@ def _inverse_sequential(model, params, z, y, guidance, solver, cache_dtype=None,
 @functools.partial(jax.jit, static_argnames=("model", "guidance", "tol", "max_iters"))
 def _inverse_jacobi(model, params, z, y, guidance, tol, max_iters):
     labels, temp = _branch_inputs(y, z.shape[0], guidance)
-    x = z.astype(_state_dtype(model))
+    x = z.astype(accum_dtype(model.dtype))  # a, b and exp: float32, float64 for a float64 model
     iters = [None] * model.num_blocks
     for index in reversed(range(model.num_blocks)):
         x, iters[index] = _invert_block_jacobi(model, params, index, x, labels, temp, guidance, tol, max_iters)

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biflow_jax.interop.reverse_layout import stage_sizes, swiglu_hidden
+from biflow_jax.architecture import REVERSE_NORM_EPS, REVERSE_ROPE, stage_sizes, swiglu_hidden
 
 Scale = float | torch.Tensor
 
 
-def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, eps: float = REVERSE_NORM_EPS) -> torch.Tensor:
     """Scale-free RMS normalisation over the last axis, computed in float32."""
     x32 = x.float()
     return (x32 * torch.rsqrt((x32 * x32).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
@@ -35,7 +35,7 @@ def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 class RMSNorm(nn.Module):
     """RMSNorm with a learned per-channel scale (`weight`)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = REVERSE_NORM_EPS):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
@@ -58,7 +58,7 @@ def sincos_2d_positions(grid: int, width: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).float()
 
 
-def rope_2d_angles(grid: int, head_dim: int, base: float = 100.0) -> torch.Tensor:
+def rope_2d_angles(grid: int, head_dim: int, base: float = REVERSE_ROPE["base"]) -> torch.Tensor:
     """Rotary angles (T, head_dim/2): the first half rotates by the row index, the second by the column."""
     if head_dim % 4:
         raise ValueError(f"head_dim={head_dim} must be a multiple of 4 for 2D rotary embeddings")

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from biflow_jax import architecture
+
 
 def soft_clip(a: torch.Tensor, clip: float) -> torch.Tensor:
     """Bound the log-scale smoothly to (-clip, clip); clip <= 0 leaves it alone."""
@@ -43,26 +45,19 @@ def soft_clip(a: torch.Tensor, clip: float) -> torch.Tensor:
     return clip * torch.tanh(a / clip)
 
 
-NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu", "geglu_starflow")
-ROPE_BASE = 10000.0
 
 
 def make_norm(kind: str, dim: int) -> nn.Module:
     """A LayerNorm (weight and bias) or an RMSNorm (weight only), both eps 1e-5."""
-    if kind not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
-    return nn.RMSNorm(dim, eps=1e-5) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=1e-5)
+    if kind not in architecture.NORMS:
+        raise ValueError(f"norm must be one of {architecture.NORMS}, got {kind!r}")
+    eps = architecture.FLOW_NORM_EPS
+    return nn.RMSNorm(dim, eps=eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=eps)
 
 
 def norm_float32(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply `norm` in float32 whatever the compute dtype."""
     return norm(x.float()).to(x.dtype)
-
-
-def swiglu_hidden(channels: int, expansion: int) -> int:
-    """SwiGLU's hidden width: 2/3 of the GELU MLP's (same parameter count), rounded up to a multiple of 8."""
-    return 8 * -(-2 * expansion * channels // 24)
 
 
 def rope_positions(grid: int, flip: bool) -> torch.Tensor:
@@ -76,9 +71,10 @@ def rope_positions(grid: int, flip: bool) -> torch.Tensor:
 def rope_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 cos and sin (T, head_dim) for `rope_positions`: the head vector is four quarters
     [r1, r2, c1, c2]; pairs (r1, r2) turn by the row, (c1, c2) by the column, at the angles
-    pos * ROPE_BASE^(-i / (head_dim / 4)) ("rotate-half" pairing within each half)."""
+    pos * base^(-i / (head_dim / 4)) (`architecture.FLOW_ROPE`) ("rotate-half" pairing within each half)."""
     quarter = head_dim // 4
-    freqs = ROPE_BASE ** (-torch.arange(quarter, dtype=torch.float32, device=positions.device) / quarter)
+    exponents = -torch.arange(quarter, dtype=torch.float32, device=positions.device) / quarter
+    freqs = architecture.FLOW_ROPE["base"] ** exponents  # float32 on the device (MPS has no float64)
     row = positions[:, :1].float() * freqs
     col = positions[:, 1:].float() * freqs
     angles = torch.cat([row, row, col, col], dim=-1)
@@ -163,11 +159,8 @@ class MLP(nn.Module):
     def __init__(self, channels: int, expansion: int = 4, norm: str = "layernorm"):
         super().__init__()
         self.norm = make_norm(norm, channels)
-        self.main = nn.Sequential(
-            nn.Linear(channels, channels * expansion),
-            nn.GELU(),
-            nn.Linear(channels * expansion, channels),
-        )
+        hidden = architecture.mlp_hidden("gelu", channels, expansion)
+        self.main = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.main(norm_float32(self.norm, x))
@@ -178,7 +171,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, channels: int, expansion: int = 4, norm: str = "layernorm"):
         super().__init__()
-        hidden = swiglu_hidden(channels, expansion)
+        hidden = architecture.mlp_hidden("swiglu", channels, expansion)
         self.norm = make_norm(norm, channels)
         self.gate_up = nn.Linear(channels, 2 * hidden)
         self.down = nn.Linear(hidden, channels)
@@ -194,9 +187,10 @@ class StarflowGatedMLP(nn.Module):
     def __init__(self, channels: int, expansion: int = 4, norm: str = "layernorm"):
         super().__init__()
         self.norm = make_norm(norm, channels)
-        self.gate_proj = nn.Linear(channels, channels * expansion)
-        self.up_proj = nn.Linear(channels, channels * expansion)
-        self.down_proj = nn.Linear(channels * expansion, channels)
+        hidden = architecture.mlp_hidden("geglu_starflow", channels, expansion)
+        self.gate_proj = nn.Linear(channels, hidden)
+        self.up_proj = nn.Linear(channels, hidden)
+        self.down_proj = nn.Linear(hidden, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = norm_float32(self.norm, x)
@@ -212,8 +206,8 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, head_dim: int = 64, expansion: int = 4, norm: str = "layernorm",
                  qk_norm: bool = False, mlp: str = "gelu"):
         super().__init__()
-        if mlp not in MLPS:
-            raise ValueError(f"mlp must be one of {MLPS}, got {mlp!r}")
+        if mlp not in architecture.MLPS:
+            raise ValueError(f"mlp must be one of {architecture.MLPS}, got {mlp!r}")
         self.attention = Attention(channels, head_dim, norm, qk_norm)
         self.mlp = MLP_CLASSES[mlp](channels, expansion, norm)
 
@@ -367,12 +361,8 @@ class Model(nn.Module):
             raise ValueError("only the affine flow (nvp=True) is ported")
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
-        if rope and head_dim % 4:
-            raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
-        layers = tuple(int(n) for n in block_layers) or (layers_per_block,) * num_blocks
-        if len(layers) != num_blocks or min(layers) < 1:
-            raise ValueError(f"block_layers must give {num_blocks} positive layer counts (one per block), "
-                             f"got {list(block_layers)}")
+        architecture.check_flow_options(num_blocks, head_dim, rope, norm, mlp, tuple(block_layers))
+        layers = architecture.layer_counts(num_blocks, layers_per_block, block_layers)
         self.in_channels = in_channels
         self.img_size = img_size
         self.patch_size = patch_size
@@ -380,9 +370,9 @@ class Model(nn.Module):
         self.num_patches = (img_size // patch_size) ** 2
         self.token_dim = in_channels * patch_size**2
         self.blocks = nn.ModuleList([
-            MetaBlock(self.token_dim, channels, self.num_patches, flip=bool(i % 2), num_layers=layers[i],
-                      head_dim=head_dim, expansion=expansion, num_classes=num_classes, clip=clip, rope=rope,
-                      norm=norm, qk_norm=qk_norm, mlp=mlp, clip_shift=clip_shift)
+            MetaBlock(self.token_dim, channels, self.num_patches, flip=architecture.block_flipped(i),
+                      num_layers=layers[i], head_dim=head_dim, expansion=expansion, num_classes=num_classes,
+                      clip=clip, rope=rope, norm=norm, qk_norm=qk_norm, mlp=mlp, clip_shift=clip_shift)
             for i in range(num_blocks)
         ])
         self.register_buffer("var", torch.ones(self.num_patches, self.token_dim))

@@ -42,7 +42,7 @@ def test_per_token_inverse_of_each_block_reconstructs_input():
     transform = jax.jit(lambda i, v: model.apply(params, i, v, y, method=TARFlow.block_transform),
                         static_argnums=0)
     for i in range(model.num_blocks):
-        z, _, _ = forward(i, tokens)
+        z = forward(i, tokens)[0]
         flip = bool(i % 2)
         z_perm = z[:, ::-1] if flip else z
         rec = z_perm.at[:, 1:].set(0.0)  # only token 0 is known at the start

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from biflow_jax.interop.tarflow_layout import flow_params_to_state_dict
-from biflow_jax.models import attention, tarflow
-from biflow_jax.models.tarflow import TARFlow, build_flow, stack_layer_params, unstack_layer_params
+from biflow_jax.models import attention, layers, tarflow
+from biflow_jax.models.param_trees import stack_layer_params, unstack_layer_params
+from biflow_jax.models.tarflow import TARFlow, build_flow
 from biflow_jax.samplers import exact_inverse
 
 CFG = dict(img_size=8, in_channels=1, patch_size=2, channels=32, num_blocks=2, layers_per_block=2,
@@ -105,8 +106,8 @@ def test_remat_rejects_unknown_policy():
 
 def test_gelu_formula_is_exact_gelu():
     x = jnp.linspace(-12.0, 12.0, 4001)
-    np.testing.assert_allclose(tarflow.gelu_exact(x), jax.nn.gelu(x, approximate=False), atol=1e-6, rtol=1e-6)
-    np.testing.assert_allclose(jax.grad(lambda v: tarflow.gelu_exact(v).sum())(x),
+    np.testing.assert_allclose(layers.gelu_exact(x), jax.nn.gelu(x, approximate=False), atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda v: layers.gelu_exact(v).sum())(x),
                                jax.grad(lambda v: jax.nn.gelu(v, approximate=False).sum())(x), atol=1e-6)
 
 
@@ -117,7 +118,7 @@ def test_head_major_attention_matches_reference_formula(tokens):
     logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / 2.0 / temp[:, None, None, None]
     logits = jnp.where(jnp.tril(jnp.ones((tokens, tokens), bool)), logits, -jnp.inf)
     expected = jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(logits, -1), v)
-    np.testing.assert_allclose(attention.causal_attention(q, k, v, temp, jnp.float32), expected, atol=1e-6)
+    np.testing.assert_allclose(attention.attention(q, k, v, temp, jnp.float32), expected, atol=1e-6)
     # Gradients too: the tiles must route every query's and key's gradient.
     def loss(fn, q, k, v):
         return jnp.sum(jnp.sin(fn(q, k, v)))
@@ -127,7 +128,7 @@ def test_head_major_attention_matches_reference_formula(tokens):
         lg = jnp.where(jnp.tril(jnp.ones((tokens, tokens), bool)), lg, -jnp.inf)
         return jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(lg, -1), v)
 
-    ours = jax.grad(loss, argnums=(1, 2, 3))(lambda *a: attention.causal_attention(*a, 1.0, jnp.float32), q, k, v)
+    ours = jax.grad(loss, argnums=(1, 2, 3))(lambda *a: attention.attention(*a, 1.0, jnp.float32), q, k, v)
     ref = jax.grad(loss, argnums=(1, 2, 3))(reference, q, k, v)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, atol=1e-5)

@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from biflow_jax.architecture import FLOW_ROPE, swiglu_hidden
 from biflow_jax.errors import ConfigError
 from biflow_jax.evaluators import classify
 from biflow_jax.models import registry
-from biflow_jax.models.attention import apply_rope, rope_tables
-from biflow_jax.models.tarflow import StarflowGatedMLP, SwiGLU, TARFlow, stack_layer_params, swiglu_hidden
+from biflow_jax.models.layers import GatedMLP, apply_rope, rope_tables
+from biflow_jax.models.param_trees import stack_layer_params
+from biflow_jax.models.tarflow import TARFlow
 from biflow_jax.samplers import exact_inverse
 
 BASE = dict(name="tarflow", img_size=8, in_channels=1, patch_size=2, channels=32, num_blocks=2,
@@ -86,8 +88,8 @@ def test_rope_matches_pairwise_rotation_and_flipped_order():
     x = rng.standard_normal((1, grid * grid, 1, d))
     with jax.enable_x64(True):
         for flip in (False, True):
-            cos, sin = rope_tables(grid, d, flip, jnp.float64)
-            ours = np.asarray(apply_rope(jnp.asarray(x), cos, sin))[0, :, 0]
+            cos, sin = rope_tables(grid, d, **FLOW_ROPE, flip=flip, dtype=jnp.float64)
+            ours = np.asarray(apply_rope(jnp.asarray(x), cos, sin, FLOW_ROPE["pairing"]))[0, :, 0]
             for j in range(grid * grid):
                 t = grid * grid - 1 - j if flip else j  # a flipped block's token j is raster token T-1-j
                 np.testing.assert_allclose(ours[j], naive_rope(x[0, j, 0], t // grid, t % grid), atol=1e-12)
@@ -98,9 +100,9 @@ def test_rope_logits_depend_only_on_the_2d_offset():
     rng = np.random.default_rng(1)
     q, k = rng.standard_normal(d), rng.standard_normal(d)
     with jax.enable_x64(True):
-        cos, sin = rope_tables(grid, d, False, jnp.float64)
+        cos, sin = rope_tables(grid, d, **FLOW_ROPE, dtype=jnp.float64)
         both = jnp.asarray(np.stack([np.tile(q, (grid * grid, 1)), np.tile(k, (grid * grid, 1))])[:, :, None])
-        rq, rk = np.asarray(apply_rope(both, cos, sin))[:, :, 0]
+        rq, rk = np.asarray(apply_rope(both, cos, sin, FLOW_ROPE["pairing"]))[:, :, 0]
 
     def logit(a, b):  # q at raster token a, k at raster token b
         return float(rq[a] @ rk[b])
@@ -122,7 +124,7 @@ def test_swiglu_and_rmsnorm_follow_their_formulas():
     gu = h @ p["gate_up"]["kernel"] + p["gate_up"]["bias"]
     gate, up = gu[..., :hidden], gu[..., hidden:]
     expected = (gate / (1 + np.exp(-gate)) * up) @ p["down"]["kernel"] + p["down"]["bias"]
-    got = SwiGLU(32, 2, jnp.float32, "rmsnorm").apply({"params": layer}, jnp.asarray(x, jnp.float32))
+    got = GatedMLP(32, hidden, jnp.float32, norm_kind="rmsnorm").apply({"params": layer}, jnp.asarray(x, jnp.float32))
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -140,7 +142,8 @@ def test_starflow_gated_mlp_follows_its_formula():
     up = h @ p["up_proj"]["kernel"] + p["up_proj"]["bias"]
     gelu_tanh = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate**3)))
     expected = (gelu_tanh * up) @ p["down_proj"]["kernel"] + p["down_proj"]["bias"]
-    got = StarflowGatedMLP(32, 2).apply({"params": layer}, jnp.asarray(x, jnp.float32))
+    starflow = GatedMLP(32, 64, gate="gelu_tanh", fused=False, norm_kind="layernorm")
+    got = starflow.apply({"params": layer}, jnp.asarray(x, jnp.float32))
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=1e-4)
     erf_gelu = 0.5 * gate * (1 + np.vectorize(math.erf)(gate / np.sqrt(2)))
     assert np.abs((erf_gelu * up) @ p["down_proj"]["kernel"] + p["down_proj"]["bias"] - expected).max() > 1e-4

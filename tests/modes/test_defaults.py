@@ -6,10 +6,9 @@ from __future__ import annotations
 import ml_collections
 from helpers.configs import quick_config
 
-from biflow_jax import config_files
+from biflow_jax import architecture, config_files
 from biflow_jax.evaluators import sample_fid
-from biflow_jax.interop import tarflow_layout
-from biflow_jax.models import registry, tarflow
+from biflow_jax.models import registry
 from biflow_jax.modes import sample
 from configs import common
 
@@ -45,9 +44,10 @@ def test_modes_and_the_fid_evaluator_take_the_configs_defaults():
 
 
 def test_the_models_option_tables_equal_the_configs_defaults():
-    """The flow's and the export layout's fallbacks for keys an older run lacks (model code may not read
-    configs/) are the values configs/common.flow_model() gives, so they cannot drift apart."""
+    """The fallbacks for keys an older run lacks (`architecture.FLOW_OPTION_DEFAULTS`, read by the flow,
+    the export layout and runs; model code may not read configs/) are the values
+    configs/common.flow_model() gives, so they cannot drift apart."""
     model = common.flow_model().to_dict()
-    for table in (tarflow.OPTION_DEFAULTS, tarflow_layout.FLOW_OPTIONS):
-        assert {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()} == {
-            k: tuple(model[k]) if isinstance(model[k], (list, tuple)) else model[k] for k in table}
+    table = architecture.FLOW_OPTION_DEFAULTS
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()} == {
+        k: tuple(model[k]) if isinstance(model[k], (list, tuple)) else model[k] for k in table}

@@ -15,9 +15,10 @@ import pytest
 from biflow_jax.benches.random_flow import perturb_proj_out
 from biflow_jax.errors import ConfigError
 from biflow_jax.models.registry import build_flow
-from biflow_jax.models.tarflow import TARFlow, patchify
+from biflow_jax.models.tarflow import TARFlow, block_order, patchify
 from biflow_jax.modes import train
 from biflow_jax.objectives import rrepa
+from biflow_jax.objectives.alignment_features import raster_features, to_grid
 
 NUM_BLOCKS = 4
 
@@ -100,9 +101,9 @@ def test_raster_features_undo_the_flip_and_the_shift(flow):
     bumped = tokens.at[:, r].add(0.5)
 
     def features(t):
-        hidden = model.apply(params, 1, rrepa.block_order(t, 1), None,
+        hidden = model.apply(params, 1, block_order(t, True), None,
                              method=TARFlow.block_transform)[2][0]
-        return np.asarray(rrepa.raster_features(hidden, flip=True))
+        return np.asarray(raster_features(hidden, flip=True))
 
     changed = np.abs(features(bumped) - features(tokens)).max(axis=(0, 2)) > 1e-6
     np.testing.assert_array_equal(changed, np.arange(tokens.shape[1]) < r)
@@ -112,16 +113,16 @@ def test_raster_features_positions():
     """Block-order hidden t holds the value t: raster token r of a flipped 4-token block is
     block token 3 - r, fed by hidden 2 - r (token 0, raster 3, by hidden 0)."""
     hidden = jnp.arange(4.0)[None, :, None]
-    np.testing.assert_array_equal(np.asarray(rrepa.raster_features(hidden, flip=True))[0, :, 0], [2, 1, 0, 0])
-    np.testing.assert_array_equal(np.asarray(rrepa.raster_features(hidden, flip=False))[0, :, 0], [0, 0, 1, 2])
+    np.testing.assert_array_equal(np.asarray(raster_features(hidden, flip=True))[0, :, 0], [2, 1, 0, 0])
+    np.testing.assert_array_equal(np.asarray(raster_features(hidden, flip=False))[0, :, 0], [0, 0, 1, 2])
 
 
 def test_to_grid_area_pools_and_keeps_matching_grids():
     features = jnp.arange(16.0).reshape(1, 16, 1)  # 4x4 grid, value = raster index
-    pooled = np.asarray(rrepa.to_grid(features, 2))[0, :, 0]
+    pooled = np.asarray(to_grid(features, 2))[0, :, 0]
     np.testing.assert_allclose(pooled, [2.5, 4.5, 10.5, 12.5], atol=1e-6)
-    assert rrepa.to_grid(features, 4) is features
-    assert rrepa.to_grid(features, 3).shape == (1, 9, 1)
+    assert to_grid(features, 4) is features
+    assert to_grid(features, 3).shape == (1, 9, 1)
 
 
 def digits_align_config(**align):
