@@ -158,6 +158,7 @@ def flow_stage(config: ml_collections.ConfigDict, mesh: Mesh) -> list[Program]:
     decoder = abstract_decoder(config)
     name = objectives.stage_objective_name(config, "flow")
     if name == "rrepa":
+        rrepa.validate_align(config)  # the weights-file half of rrepa.validate does not apply: nothing is read
         objective = rrepa.make(config, model, teacher=abstract_teacher(config.align), decoder=decoder)
     else:
         objective = flow.make(config, model)

@@ -100,9 +100,9 @@ def make(config: ml_collections.ConfigDict, model: TARFlow | None = None,
     `teacher` (`apply(params, uint8 images)` -> (N, grid*grid, width) features, with
     `params`, `grid` and `width`) defaults to the encoder the config names; it is loaded here, so a missing weights file
     fails before any training. Benchmarks pass a ConstantTeacher to time the alignment
-    without the encoder.
+    without the encoder. The config's checks are `validate`'s (the trainer runs it before
+    the workdir is touched); callers that skip it call `validate_align` themselves.
     """
-    validate_align(config)
     model = model or registry.build_flow(config.model)
     align = config.align
     if teacher is None:
