@@ -12,9 +12,9 @@ little without the CPU it came from.
 
 from __future__ import annotations
 
-from biflow_jax import host_memory
+from biflow_jax import process_settings
 
-host_memory.keep_freed_memory()  # process-wide, so here and not on import; before JAX runs anything
+process_settings.apply()  # process-wide, so here and not on import; before JAX runs anything
 
 import argparse
 import dataclasses

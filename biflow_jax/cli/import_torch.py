@@ -7,9 +7,9 @@ The work (validate everything, then write) is biflow_jax.modes.import_torch's.
 
 from __future__ import annotations
 
-from biflow_jax import host_memory
+from biflow_jax import process_settings
 
-host_memory.keep_freed_memory()  # process-wide, so here and not on import; before JAX runs anything
+process_settings.apply()  # process-wide, so here and not on import; before JAX runs anything
 
 from absl import app, flags
 

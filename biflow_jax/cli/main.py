@@ -25,9 +25,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow or jaxli
 # log level; without them it prints nothing. JAX's own CPU kernels are not affected.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from biflow_jax import host_memory  # noqa: E402
+from biflow_jax import process_settings  # noqa: E402
 
-host_memory.keep_freed_memory()  # process-wide, so here and not on import; before JAX runs anything
+process_settings.apply()  # process-wide, so here and not on import; before JAX runs anything
 
 from absl import app, flags, logging  # noqa: E402
 

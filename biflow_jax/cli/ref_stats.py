@@ -9,9 +9,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow or jaxlib print banners
 
-from biflow_jax import host_memory
+from biflow_jax import process_settings
 
-host_memory.keep_freed_memory()  # process-wide, so here and not on import; before JAX runs anything
+process_settings.apply()  # process-wide, so here and not on import; before JAX runs anything
 
 import sys
 
