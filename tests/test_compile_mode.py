@@ -13,6 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers.configs import tiny_config
 from helpers.paths import REPO
 
 from biflow_jax import hlo_flops, host_memory, platforms, sharding, tpu_slices
@@ -23,11 +24,9 @@ from biflow_jax.modes import compile as compile_mode
 pytest.importorskip("libtpu")
 
 
-def tiny_config(batch: int = 32):
-    from configs import digits
-
-    config = digits.get_config("quick")
-    config.model.update(channels=32, head_dim=16, num_blocks=2, layers_per_block=1)
+def compile_config(batch: int = 32):
+    """The suite's tiny flow (2 blocks x 1 layer, width 32) with 16-d heads, at `batch` images a step."""
+    config = tiny_config("both", head_dim=16)
     config.train.batch_size = batch
     return config
 
@@ -41,7 +40,7 @@ def test_single_host_train_step_reports_memory_analysis_and_flops(capsys, monkey
         return compiled[-1]
 
     monkeypatch.setattr(compile_mode, "compile_program", recording)
-    summary = compile_mode.run(tiny_config(), "v5e:2x2", only=["flow/train_step"])
+    summary = compile_mode.run(compile_config(), "v5e:2x2", only=["flow/train_step"])
     out = capsys.readouterr().out.strip().splitlines()
     assert json.loads(out[-1]) == json.loads(json.dumps(summary))  # the JSON line is printed last
     assert any("compiled flow/train_step for v5e:2x2" in line for line in out) and "train_step" in out[-2]
@@ -65,7 +64,7 @@ def test_single_host_train_step_reports_memory_analysis_and_flops(capsys, monkey
 
 
 def test_multi_host_slice_splits_the_batch_over_all_chips(capsys):
-    summary = compile_mode.run(tiny_config(batch=64), "v5e:4x4", only=["flow/train_step"])
+    summary = compile_mode.run(compile_config(batch=64), "v5e:4x4", only=["flow/train_step"])
     (row,) = summary["programs"]
     assert (summary["chips"], summary["hosts"], row["per_chip_batch"]) == (16, 4, 4)
     assert row["fits"] and row["argument_bytes"] > 0
