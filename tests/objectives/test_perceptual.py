@@ -179,7 +179,7 @@ def test_stage2_adds_the_term_with_the_network_frozen_not_trained(tmp_path):
     config.biflow.perceptual.crop_size = 32
     biflow.validate(config)
     model = registry.build_flow(config.model)
-    flow_params = model.init(jax.random.key(1), *registry.flow_example_inputs(config.model))
+    flow_params = jax.jit(model.init)(jax.random.key(1), *registry.flow_example_inputs(config.model))
     flow_run = runs.FlowRun("in-memory", config, model, flow_params, 0)
     objective = biflow.make(config, flow_run)
     assert set(objective.frozen) == {"flow", "perceptual"} and set(objective.frozen["perceptual"]) == {"convnext"}
@@ -195,7 +195,7 @@ def test_stage2_adds_the_term_with_the_network_frozen_not_trained(tmp_path):
     config.biflow.perceptual.convnext.weight = 0.0
     plain = biflow.make(config, flow_run)
     assert "perceptual" not in plain.frozen
-    plain_total, _ = plain.loss(params, batch, jax.random.key(1), jnp.arange(4), plain.frozen)
+    plain_total, _ = jax.jit(plain.loss)(params, batch, jax.random.key(1), jnp.arange(4), plain.frozen)
     assert 0 < float(total - plain_total) < 0.1
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
 
