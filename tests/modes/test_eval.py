@@ -66,7 +66,7 @@ def _eval_dir(workdir: str) -> str:
 def test_killed_run_resumes_to_the_uninterrupted_result(setup, tmp_path):
     workdir, ref = setup
     killed = str(tmp_path / "killed")
-    shutil.copytree(workdir, killed)
+    shutil.copytree(workdir, killed, ignore=shutil.ignore_patterns("eval"))  # another test's eval may be there
     proc = subprocess.Popen(_cli(killed, ref), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     chunks, deadline = [], time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -88,8 +88,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(setup, tmp_path):
     config.evals.fid.update(**FID_OVERRIDES)
     record = eval_mode.run_eval(workdir, config, ref=ref, num_samples=N, random_inception=True)
 
-    resumed, whole = _eval_dir(killed), _eval_dir(workdir)
-    assert os.path.basename(resumed) == os.path.basename(whole)
+    resumed = _eval_dir(killed)
+    whole = os.path.join(workdir, "eval", os.path.basename(resumed))  # the same run: the same folder name
+    assert os.path.isdir(whole), os.listdir(os.path.join(workdir, "eval"))
     with np.load(os.path.join(resumed, "samples.npz")) as a, np.load(os.path.join(whole, "samples.npz")) as b:
         assert sorted(a.files) == ["arr_0", "arr_1"]  # ADM's sample format
         assert a["arr_0"].dtype == np.uint8 and a["arr_0"].shape == (N, 8, 8, 1)
