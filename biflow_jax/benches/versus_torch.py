@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from biflow_jax import host_memory
 from biflow_jax.benches import calibration, nll_step
@@ -65,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration_s", type=float, default=0.03,
                         help="seconds of work per timed call when calibrating this machine's matmul rate at the "
                              "flow's GEMM shapes (0 skips the calibration)")
+    parser.add_argument("--cpu_devices", type=int, default=1,
+                        help="split our side's batch over this many CPU devices of this host (jax_num_cpu_devices), "
+                             "params replicated: XLA:CPU runs a batched dot, such as attention's, on one thread, "
+                             "and one program per device keeps every core busy (0: one per core)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -81,11 +87,26 @@ def load_reference(folder: str):
     return module
 
 
+def cpu_device_count(args: argparse.Namespace) -> int:
+    count = args.cpu_devices or os.cpu_count() or 1
+    if args.batch % count:
+        raise ValueError(f"--batch={args.batch} does not split over --cpu_devices={count}")
+    return count
+
+
+def before_jax(args: argparse.Namespace) -> None:
+    """Ask JAX for `--cpu_devices` CPU devices; before its backend starts (the machine line starts it)."""
+    count = cpu_device_count(args)
+    if count > 1:
+        jax.config.update("jax_num_cpu_devices", count)
+
+
 def run(args: argparse.Namespace) -> dict:
     """Images/s of the train step (forward + backward + AdamW), the forward pass, and the exact
     inverse without and with CFG: ours (jitted) next to ml-tarflow's PyTorch Model, same weights,
     same config and batch, timed in interleaved rounds (a fresh random order each round), medians."""
     skip = {part.strip() for part in args.skip.split(",") if part.strip()}
+    cpu_devices = cpu_device_count(args)
     cfg = dict(img_size=args.img_size, in_channels=args.in_channels, patch_size=args.patch,
                channels=args.channels, num_blocks=args.blocks, layers_per_block=args.layers,
                num_classes=args.classes, head_dim=args.head_dim, expansion=4, clip=0.0, dtype=args.dtype,
@@ -120,6 +141,14 @@ def run(args: argparse.Namespace) -> dict:
     cfg_flops = compiled_flops(flop_forward, flop_params, jnp.concatenate([images, images]),
                                None if labels is None else jnp.concatenate([labels, jnp.full_like(labels, -1)]))
     peak = peak_flops(args.dtype, args.peak_tflops)
+    if cpu_devices > 1:  # our side's batch over the host's CPU devices, params and optimizer state replicated
+        mesh = Mesh(np.array(jax.devices()[:cpu_devices]), ("data",))
+        replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        params, state = jax.device_put(params, replicated), jax.device_put(state, replicated)
+        images, z = jax.device_put(images, split), jax.device_put(z, split)
+        labels = None if labels is None else jax.device_put(labels, split)
+        step = jax.jit(lambda p, o, x, y: nll_step.nll_step(model, optimizer, p, o, x, y), donate_argnums=(0, 1),
+                       out_shardings=replicated)  # the next step's inputs as this one's: one compiled program
 
     def ours_train():
         for _ in range(args.train_steps):
@@ -222,7 +251,7 @@ def run(args: argparse.Namespace) -> dict:
 
     flops = {"train": train_flops, "forward": forward_flops, "sample": sample_flops, "cfg": cfg_flops}
     result: dict[str, Any] = {
-        "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "batch": n,
+        "device": jax.devices()[0].device_kind, "devices": cpu_devices, "batch": n,
         "config": {k: v for k, v in cfg.items()}, "cache_dtype": args.cache_dtype or args.dtype,
         "params": count_params(params), "torch_threads": torch_threads, "reference": args.reference or None,
         "cfg_scale": args.guidance, "rounds": args.rounds, "peak_flop_per_s": peak,
@@ -248,7 +277,8 @@ def run(args: argparse.Namespace) -> dict:
         table.append(tuple(row))
     result.update(parity)
     result["per_round_s"] = rounds
-    print(f"device: {result['device']} x{jax.device_count()}; ours {args.dtype} "
+    print(f"device: {result['device']} x{cpu_devices}" + (" (our batch split over them)" if cpu_devices > 1 else "")
+          + f"; ours {args.dtype} "
           f"(scan_layers={args.scan_layers}, remat={args.remat}, cache {result['cache_dtype']}); "
           f"{side}x{side}x{channels}, patch {args.patch}, width {args.channels}, {args.blocks} blocks x "
           f"{args.layers} layers, {args.classes} classes, batch {n}, {result['params']:,} params; "

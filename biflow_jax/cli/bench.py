@@ -19,12 +19,14 @@ process_settings.apply()  # process-wide, so here and not on import; before JAX 
 import argparse
 import dataclasses
 import json
+import sys
 from collections.abc import Callable
 
 from absl import app
 from absl.flags import argparse_flags
 
 from biflow_jax.benches import biflow_train, compile_time, machine, sample, train, vae, versus_torch
+from biflow_jax.errors import EXPECTED_ERRORS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Subcommand:
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], dict]
     help: str
+    before_jax: Callable[[argparse.Namespace], None] | None = None  # settings JAX reads when its backend starts
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
@@ -40,7 +43,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "compile": Subcommand(compile_time.add_arguments, compile_time.run,
                           "compile time of a flow's train step: layers unrolled vs under nn.scan"),
     "versus_torch": Subcommand(versus_torch.add_arguments, versus_torch.run,
-                               "train step and exact inverse: ours vs ml-tarflow's PyTorch Model (--reference)"),
+                               "train step and exact inverse: ours vs ml-tarflow's PyTorch Model (--reference)",
+                               versus_torch.before_jax),
     "vae": Subcommand(vae.add_arguments, vae.run, "VAE decode ms/image (latent-space sampling)"),
     "biflow_train": Subcommand(biflow_train.add_arguments, biflow_train.run,
                                "stage-2 train step with / without the perceptual terms (LPIPS, ConvNeXt-V2)"),
@@ -57,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def bench(args: argparse.Namespace) -> dict:
     """Runs one subcommand: its table, then its figures as one JSON line (the machine record included)."""
+    command = SUBCOMMANDS[args.command]
+    if command.before_jax is not None:
+        command.before_jax(args)
     print(machine.machine_line(machine.machine_record()), flush=True)
     result = SUBCOMMANDS[args.command].run(args)
     result["machine"] = machine.machine_record()  # taken again after the run: the threads it really used
@@ -69,7 +76,12 @@ def main(args: argparse.Namespace) -> None:
 
 
 def run() -> None:
-    app.run(main, flags_parser=lambda argv: build_parser().parse_args(argv[1:]))
+    """Entry point: a bad flag value (an expected error) prints one line `error: ...` and exits 2."""
+    try:
+        app.run(main, flags_parser=lambda argv: build_parser().parse_args(argv[1:]))
+    except EXPECTED_ERRORS as e:
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
