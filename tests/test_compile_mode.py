@@ -74,8 +74,8 @@ def test_a_batch_no_chip_holds_exits_2_with_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     result = subprocess.run(
         [sys.executable, "-m", "biflow_jax.main", "--mode=compile", f"--config={REPO}/configs/digits.py:quick",
-         "--topology=v5e:2x2", "--programs=flow/train_step", "--nofit_search", "--config.model.channels=32",
-         "--config.model.head_dim=16", "--config.model.num_blocks=1", "--config.model.layers_per_block=1",
+         "--topology=v5e:2x2", "--programs=flow/train_step,flow/exact_inverse", "--nofit_search",
+         "--config.model.channels=32", "--config.model.head_dim=16", "--config.model.num_blocks=1", "--config.model.layers_per_block=1",
          "--config.train.batch_size=8388608"], capture_output=True, text=True, cwd=str(tmp_path), env=env,
         timeout=600)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -83,7 +83,9 @@ def test_a_batch_no_chip_holds_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1, lines
     assert re.match(r"error: flow/train_step does not fit v5e:2x2: it needs [\d.]+ GiB a chip "
                     r"\(2097152 images a chip\), a v5e chip has 15\.75 GiB", lines[0]), lines[0]
-    assert json.loads(result.stdout.strip().splitlines()[-1])["programs"][0]["fits"] is False
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["programs"][0]["fits"] is False and len(summary["programs"]) == 1
+    assert summary["not_compiled"] == ["flow/exact_inverse"]  # the first program that does not fit ends the run
 
 
 def test_unknown_topology_lists_the_known_ones():
@@ -130,3 +132,26 @@ def test_libtpu_without_a_tpu_leaves_the_malloc_rule_to_the_cpu(monkeypatch):
     assert host_memory.cpu_runs_the_steps()
     monkeypatch.setattr(host_memory.glob, "glob", lambda pattern: ["/dev/vfio/0"] if "vfio" in pattern else [])
     assert host_memory.accelerator_present("libtpu") and not host_memory.cpu_runs_the_steps()
+
+
+
+def test_batch_search_halves_to_the_largest_per_chip_batch_that_fits(monkeypatch):
+    """On a chip shrunk to 3 MiB (the tiny step needs 2.7 MiB at 8 images a chip, 3.3 at 16): from a failed
+    64 the search names the first halving that fits, and the one before it was compiled and did not."""
+    chip = tpu_slices.dataclasses.replace(tpu_slices.CHIPS["v5e"], usable_hbm=3 * 2**20)
+    slice_ = tpu_slices.dataclasses.replace(tpu_slices.get("v5e:2x2"), chip=chip)
+    mesh = sharding.make_mesh(slice_.devices)
+    tried = []
+    real = compile_mode.compile_one
+
+    def recording(config, *args):
+        result = real(config, *args)
+        tried.append((config.train.batch_size // 4, result.fits))
+        return result
+
+    monkeypatch.setattr(compile_mode, "compile_one", recording)
+    failed = compile_mode.Result("flow", "train_step", 64, False, images=256)
+    (found,) = compile_mode.largest_batch(compile_config(batch=256), failed, mesh, slice_)
+    per_chip = int(re.match(r"(\d+) images a chip \(train\.batch_size=(\d+) on v5e:2x2", found).group(1))
+    assert tried[-1] == (per_chip, True) and (2 * per_chip, False) in tried, tried
+    assert [b for b, _ in tried] == [32 // 2**i for i in range(len(tried))]  # halving from 64
