@@ -75,7 +75,8 @@ def test_a_batch_no_chip_holds_exits_2_with_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "biflow_jax.main", "--mode=compile", f"--config={REPO}/configs/digits.py:quick",
          "--topology=v5e:2x2", "--programs=flow/train_step,flow/exact_inverse", "--nofit_search",
-         "--config.model.channels=32", "--config.model.head_dim=16", "--config.model.num_blocks=1", "--config.model.layers_per_block=1",
+         "--config.model.channels=32", "--config.model.head_dim=16", "--config.model.num_blocks=1",
+         "--config.model.layers_per_block=1",
          "--config.train.batch_size=8388608"], capture_output=True, text=True, cwd=str(tmp_path), env=env,
         timeout=600)
     assert result.returncode == 2, result.stderr[-2000:]
