@@ -80,6 +80,17 @@ def _layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
 
 
+def _norm_with_zero_slope_at_zero(squares: jax.Array) -> jax.Array:
+    """sqrt(squares), with the gradient 0 where squares is 0, as torch.linalg.vector_norm defines it.
+
+    A plain sqrt has an infinite slope there; times the zero slope of the GELU that made the
+    all-zero channel, that is NaN (inf * 0), and one such channel (likely at a stage's 1x1 map,
+    e.g. a 32-pixel perceptual crop) poisons the whole gradient.
+    """
+    positive = squares > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
+
+
 class GRN(nn.Module):
     """Global response normalisation (arXiv:2301.00808, Sec. 3): x + gamma * (x * N(x)) + beta.
 
@@ -95,7 +106,7 @@ class GRN(nn.Module):
         gamma = self.param("gamma", nn.initializers.zeros, (channels,), jnp.float32)
         beta = self.param("beta", nn.initializers.zeros, (channels,), jnp.float32)
         x32 = x.astype(jnp.float32)
-        norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=(1, 2), keepdims=True))
+        norm = _norm_with_zero_slope_at_zero(jnp.sum(jnp.square(x32), axis=(1, 2), keepdims=True))
         response = norm / (jnp.mean(norm, axis=-1, keepdims=True) + _GRN_EPS)
         return (gamma * (x32 * response) + beta + x32).astype(self.dtype)
 

@@ -111,3 +111,31 @@ def test_wrong_shape_is_named_with_both_shapes(reference, tmp_path):
     message = r"encoder\.stages\.2\.layers\.1\.grn\.weight: expected shape \(1, 1, 1, 192\), got \(1, 1, 1, 190\)"
     with pytest.raises(ValueError, match=message):
         load_convnext(tmp_path)
+
+
+def test_grn_gradient_of_an_all_zero_channel_is_finite_and_equals_transformers():
+    """A channel that is zero over the whole map (one exact-zero GELU output at a 1x1 map): torch's
+    vector_norm has slope 0 at 0, a plain sqrt gives NaN (inf * 0) and poisoned stage 2's gradient."""
+    from transformers.models.convnextv2.modeling_convnextv2 import ConvNextV2GRN
+
+    from biflow_jax.models.convnext import GRN
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 1, 1, 6)).astype(np.float32)
+    x[0, :, :, 2] = 0.0  # channel 2 of the first image is all zero
+    gamma, beta = rng.standard_normal(6).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    cotangent = rng.standard_normal(x.shape).astype(np.float32)
+
+    def loss(inputs):
+        out = GRN().apply({"params": {"gamma": jnp.asarray(gamma), "beta": jnp.asarray(beta)}}, inputs)
+        return jnp.sum(out * cotangent)
+
+    ours = np.asarray(jax.grad(loss)(jnp.asarray(x)))
+    grn = ConvNextV2GRN(6)
+    with torch.no_grad():
+        grn.weight.copy_(torch.from_numpy(gamma).reshape(grn.weight.shape))
+        grn.bias.copy_(torch.from_numpy(beta).reshape(grn.bias.shape))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    (grn(xt) * torch.from_numpy(cotangent)).sum().backward()
+    assert np.isfinite(ours).all()
+    np.testing.assert_allclose(ours, xt.grad.numpy(), rtol=1e-5, atol=1e-5)  # float32 rounding
