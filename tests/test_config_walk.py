@@ -45,7 +45,10 @@ def cached_random_inception(seed: int = inception_features.RANDOM_SEED):
 
 # Defects the walk found and that are not fixed yet: the walk of these stops with the named error.
 LATENT_NAN = ("stage 2's gradient is NaN at step 1 (finite loss; the loss is NaN from step 2) with LPIPS + "
-              "ConvNeXt on the VAE-decoded image (seen on imagenet256_latent:b2; the cause is not found yet)")
+              "ConvNeXt on the VAE-decoded image (seen on imagenet256_latent:b2). ConvNeXt's GRN norm had a NaN "
+              "slope at zero (fixed, tests/models/test_convnext.py), but the walk still fails: the step's "
+              "value_and_grad run op by op under jax_debug_nans first shows NaN in the backward of the VAE "
+              "decoder's mid-block attention (models/vae.py, the to_out_0 reshape); no inf comes before it")
 KNOWN_DEFECTS = {("imagenet256_latent", v): LATENT_NAN for v in ("b2", "xl2", "rrepa")}
 
 
