@@ -48,7 +48,10 @@ LATENT_NAN = ("stage 2's gradient is NaN at step 1 (finite loss; the loss is NaN
               "ConvNeXt on the VAE-decoded image (seen on imagenet256_latent:b2). ConvNeXt's GRN norm had a NaN "
               "slope at zero (fixed, tests/models/test_convnext.py), but the walk still fails: the step's "
               "value_and_grad run op by op under jax_debug_nans first shows NaN in the backward of the VAE "
-              "decoder's mid-block attention (models/vae.py, the to_out_0 reshape); no inf comes before it")
+              "decoder's mid-block attention (models/vae.py, the to_out_0 reshape); no inf comes before it. The "
+              "gradient is finite with both perceptual weights 0 and NaN with either term alone, and still NaN "
+              "with both networks replaced by a plain MSE on the crops: the decode -> crop path, not LPIPS or "
+              "ConvNeXt; a standalone decode of random latents through the same VAE has a finite gradient")
 KNOWN_DEFECTS = {("imagenet256_latent", v): LATENT_NAN for v in ("b2", "xl2", "rrepa")}
 
 
