@@ -24,7 +24,7 @@ from typing import Any
 
 import ml_collections
 
-from biflow_jax.errors import EXPECTED_ERRORS, ConfigError
+from biflow_jax.errors import EXPECTED_ERRORS, ConfigError, exit_with_one_line
 
 OVERRIDE_PREFIX = "--config."
 COMMON_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "common.py")
@@ -213,6 +213,4 @@ def run_cli(main: Callable[[list[str]], None]) -> None:
         argv, _CLI_OVERRIDES = split_overrides(sys.argv)
         app.run(main, argv=argv)
     except EXPECTED_ERRORS as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_one_line(e)

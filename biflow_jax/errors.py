@@ -33,6 +33,15 @@ EXPECTED_ERRORS = (ConfigError, DataError, TrainingError, CheckpointError, Workd
                    FileNotFoundError, FileExistsError, ValueError, KeyError)
 
 
+def exit_with_one_line(error: BaseException) -> None:
+    """What a command-line tool does with an expected error: `error: <its first line>` on stderr, exit 2."""
+    import sys
+
+    text = str(error).strip()
+    print(f"error: {text.splitlines()[0] if text else type(error).__name__}", file=sys.stderr)
+    sys.exit(2)
+
+
 def require(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless condition holds."""
     if not condition:

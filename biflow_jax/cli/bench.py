@@ -19,14 +19,13 @@ process_settings.apply()  # process-wide, so here and not on import; before JAX 
 import argparse
 import dataclasses
 import json
-import sys
 from collections.abc import Callable
 
 from absl import app
 from absl.flags import argparse_flags
 
 from biflow_jax.benches import biflow_train, compile_time, machine, sample, train, vae, versus_torch
-from biflow_jax.errors import EXPECTED_ERRORS
+from biflow_jax.errors import EXPECTED_ERRORS, exit_with_one_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +64,7 @@ def bench(args: argparse.Namespace) -> dict:
     if command.before_jax is not None:
         command.before_jax(args)
     print(machine.machine_line(machine.machine_record()), flush=True)
-    result = SUBCOMMANDS[args.command].run(args)
+    result = command.run(args)
     result["machine"] = machine.machine_record()  # taken again after the run: the threads it really used
     print(json.dumps(result), flush=True)
     return result
@@ -80,8 +79,7 @@ def run() -> None:
     try:
         app.run(main, flags_parser=lambda argv: build_parser().parse_args(argv[1:]))
     except EXPECTED_ERRORS as e:
-        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_one_line(e)
 
 
 if __name__ == "__main__":

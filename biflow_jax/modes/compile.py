@@ -237,20 +237,19 @@ def run(config: ml_collections.ConfigDict, topology: str, fit_search: bool = Tru
     programs = [p for stage in stage_programs.stages(config) for p in stage_programs.programs(config, mesh, stage)
                 if selected(p, only)]
     check_batches(programs, slice_)
-    for i, program in enumerate(programs):
+    for program in programs:
         result = compile_program(program, slice_.chip, slice_.num_chips)
         results.append(result)
         say(f"compiled {program.stage}/{program.name} for {topology} in {result.compile_s:.1f} s: "
             f"{gib(result.total_bytes)} GiB a chip" + ("" if result.fits else " (does not fit)"))
         if not result.fits:  # the config needs changing first: the rest would be compiled again after that
-            skipped = [f"{p.stage}/{p.name}" for p in programs[i + 1:]]
-            if skipped:
-                say(f"not compiled, since {program.stage}/{program.name} does not fit: {', '.join(skipped)}")
             break
+    not_compiled = [f"{p.stage}/{p.name}" for p in programs[len(results):]]
+    if not_compiled:
+        say(f"not compiled, since {results[-1].stage}/{results[-1].program} does not fit: {', '.join(not_compiled)}")
     for line in table(results, slice_):
         print(line)
-    compiled = {(r.stage, r.program) for r in results}
-    summary = {"not_compiled": [f"{p.stage}/{p.name}" for p in programs if (p.stage, p.name) not in compiled],
+    summary = {"not_compiled": not_compiled,
                "topology": topology, "chips": slice_.num_chips, "hosts": slice_.num_hosts,
                "chip": slice_.chip.generation, "usable_hbm_bytes": slice_.chip.usable_hbm,
                "programs": [r.as_json() for r in results]}
