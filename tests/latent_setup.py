@@ -24,12 +24,15 @@ def make_images(root: str, counts=(("train", 6), ("test", 2))) -> str:
 
 
 def make_vae(root: str) -> str:
-    """A random 'tiny' VAE (2 levels: 16x16 images <-> 8x8x4 latents) written with our diffusers writer."""
+    """A random 'tiny' VAE (2 levels: 16x16 images <-> 8x8x4 latents) written with our diffusers writer,
+    every tensor perturbed (walk_setup.write_vae says why zero biases are no test of a VAE)."""
+    from helpers.params import perturbed
+
     from biflow_jax.interop.vae_weights import save_vae
     from biflow_jax.models.vae import AutoencoderKL, vae_config
 
     cfg = vae_config("tiny")
-    params = AutoencoderKL(cfg).init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))["params"]
+    params = perturbed(AutoencoderKL(cfg).init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))["params"])
     path = os.path.join(root, "vae")
     save_vae(path, cfg, params)
     return path

@@ -43,18 +43,6 @@ def cached_random_inception(seed: int = inception_features.RANDOM_SEED):
     return RANDOM_VARIABLES(seed)
 
 
-# Defects the walk found and that are not fixed yet: the walk of these stops with the named error.
-LATENT_NAN = ("stage 2's gradient is NaN at step 1 (finite loss; the loss is NaN from step 2) with LPIPS + "
-              "ConvNeXt on the VAE-decoded image (seen on imagenet256_latent:b2). ConvNeXt's GRN norm had a NaN "
-              "slope at zero (fixed, tests/models/test_convnext.py), but the walk still fails: the step's "
-              "value_and_grad run op by op under jax_debug_nans first shows NaN in the backward of the VAE "
-              "decoder's mid-block attention (models/vae.py, the to_out_0 reshape); no inf comes before it. The "
-              "gradient is finite with both perceptual weights 0 and NaN with either term alone, and still NaN "
-              "with both networks replaced by a plain MSE on the crops: the decode -> crop path, not LPIPS or "
-              "ConvNeXt; a standalone decode of random latents through the same VAE has a finite gradient")
-KNOWN_DEFECTS = {("imagenet256_latent", v): LATENT_NAN for v in ("b2", "xl2", "rrepa")}
-
-
 def config_variants() -> list[tuple[str, str]]:
     """(file, variant) for every config module in configs/ and every entry of its VARIANTS."""
     out = []
@@ -66,14 +54,6 @@ def config_variants() -> list[tuple[str, str]]:
         variants = getattr(module, "VARIANTS", None)
         out += [(name, v) for v in variants] if variants else [(name, "<no VARIANTS tuple>")]
     return out
-
-
-def walk_params() -> list:
-    from biflow_jax.errors import TrainingError
-
-    return [pytest.param(name, v, marks=pytest.mark.xfail(raises=TrainingError, strict=False,
-                                                          reason=KNOWN_DEFECTS[(name, v)]))
-            if (name, v) in KNOWN_DEFECTS else (name, v) for name, v in config_variants()]
 
 
 def shrink(config) -> None:
@@ -178,7 +158,7 @@ def pixel_config(config):
     return out
 
 
-@pytest.mark.parametrize("name,variant", walk_params(), ids=lambda v: v or "default")
+@pytest.mark.parametrize("name,variant", config_variants(), ids=lambda v: v or "default")
 def test_config_walks_end_to_end(name, variant, assets, tmp_path, monkeypatch):
     from biflow_jax.evaluators import ref_stats
     from biflow_jax.modes import compare, describe, sample, train

@@ -150,11 +150,19 @@ def write_dino_dir(path: str) -> str:
 
 
 def write_vae(path: str, levels: int) -> str:
-    """A random narrow VAE with `levels` levels (2**(levels-1) downsampling), as a diffusers directory."""
+    """A random narrow VAE with `levels` levels (2**(levels-1) downsampling), as a diffusers directory.
+
+    Every tensor perturbed, biases included: with Flax's zero biases, G's zero-initialised output
+    (exactly zero latents at step 0) reaches every decoder GroupNorm as a constant input, whose
+    Jacobian is 1/sqrt(eps) = 1000; 22 of them in a row overflow float32 and the first stage-2
+    gradient is NaN. A trained VAE (sd-vae-ft-ema) has non-zero biases and never sees that.
+    """
+    from helpers.params import perturbed
+
     from biflow_jax.interop.vae_weights import save_vae
     from biflow_jax.models.vae import AutoencoderKL, vae_config
 
     cfg = vae_config("tiny", block_out_channels=(8,) * levels, sample_size=16)
-    params = AutoencoderKL(cfg).init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))["params"]
+    params = perturbed(AutoencoderKL(cfg).init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))["params"])
     save_vae(path, cfg, params)
     return path
