@@ -105,7 +105,10 @@ def run(args: argparse.Namespace) -> dict:
                          heads=args.reverse_heads or max(1, width // 64), mlp_ratio=4.0, num_classes=args.classes,
                          dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype])
     rparams = reverse.init(rev_rng, z[:1], None if labels is None else labels[:1], jnp.zeros((1,)))
-    one_pass = jax.jit(lambda zz, yy: reverse.apply(rparams, zz, yy, None).image_tokens)
+    decode = jax.jit(lambda p, zz, yy: reverse.apply(p, zz, yy, None).image_tokens)  # params an argument, as cached's
+
+    def one_pass(zz, yy):
+        return decode(rparams, zz, yy)
 
     cache_dtype = args.cache_dtype or None
 
@@ -126,7 +129,7 @@ def run(args: argparse.Namespace) -> dict:
                                    jnp.zeros((args.batch, img, img, args.in_channels)), labels)
     if guidance.active:
         forward_flops *= 2
-    biflow_flops = compiled_flops(one_pass, z, labels)
+    biflow_flops = compiled_flops(decode, rparams, z, labels)
     peak = peak_flops(args.dtype, args.peak_tflops)
     # This machine's matmul rate at each solver's GEMMs: a decode step of the cached inverse runs the
     # flow's layers over one token of every image (2x the rows with CFG); G runs over all N*T rows.

@@ -90,9 +90,17 @@ def compare(reverse_workdir: str, out_dir: str | None = None, per_class: int = 3
         w = sample.biflow_guidance(config, reverse, None)
         to_images = one_nfe.token_images(flow.patch_size, flow.img_size, flow.in_channels)
 
-        exact_fn = jax.jit(lambda zz, yy: exact_inverse.generate(flow, fparams, zz, yy, guidance, "cached", sigma))
-        biflow_fn = jax.jit(lambda zz, yy: one_nfe.one_nfe_sample(reverse, rparams, zz, yy, w, to_images=to_images))
-        biflow0_fn = jax.jit(lambda zz: one_nfe.one_nfe_sample(reverse, rparams, zz, labels, 0.0, to_images=to_images))
+        # The samplers are jitted with the params as arguments: wrapping them in a jitted closure would fold
+        # both models' weights into each executable as constants.
+        def exact_fn(zz, yy):
+            return exact_inverse.generate(flow, fparams, zz, yy, guidance, "cached", sigma)
+
+        def biflow_fn(zz, yy):
+            return one_nfe.one_nfe_sample(reverse, rparams, zz, yy, w, to_images=to_images)
+
+        def biflow0_fn(zz):
+            return one_nfe.one_nfe_sample(reverse, rparams, zz, labels, 0.0, to_images=to_images)
+
         exact, t_exact = timed(exact_fn, z, labels)
         biflow, t_biflow = timed(biflow_fn, z, labels)
         # Latency per image at batch 1 (one image, its own label): a few calls after one compile each.

@@ -50,15 +50,27 @@ def one_nfe_sample(model: ReverseViT, params: Any, z: Array, y: Array | None, w:
     return to_images(out.image_tokens)
 
 
+@partial(jax.jit, static_argnames=("flow",))
+def _encode(flow: TARFlow, params: Any, x: Array, y: Array | None) -> Array:
+    return flow.apply(params, x, y).z
+
+
+@partial(jax.jit, static_argnames=("model",))
+def _decode(model: ReverseViT, params: Any, z: Array, y: Array | None, w: Array | float | None,
+            cfg_scale: Array | float | None) -> Array:
+    return model.apply(params, z, y, w, cfg_scale=cfg_scale).image_tokens
+
+
 def flow_encoder(flow: TARFlow, params: Any) -> Callable[[Array, Array | None], Array]:
-    """F as `(images, y) -> z tokens`."""
-    return jax.jit(lambda x, y: flow.apply(params, x, y).z)
+    """F as `(images, y) -> z tokens`. The params are an argument of the compiled program, not
+    constants folded into it (a closure would copy every weight into the executable)."""
+    return lambda x, y: _encode(flow, params, x, y)
 
 
 def reverse_decoder(model: ReverseViT, params: Any, w: Array | float | None = None,
                     cfg_scale: Array | float | None = None) -> Callable[[Array, Array | None], Array]:
-    """G as `(z, y) -> image tokens` at a fixed guidance setting."""
-    return jax.jit(lambda z, y: model.apply(params, z, y, w, cfg_scale=cfg_scale).image_tokens)
+    """G as `(z, y) -> image tokens` at a fixed guidance setting (params an argument, as `flow_encoder`)."""
+    return lambda z, y: _decode(model, params, z, y, w, cfg_scale)
 
 
 def token_mask(mask: Array, patch_size: int) -> Array:

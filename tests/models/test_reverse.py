@@ -290,3 +290,23 @@ def test_class_edit_inverts_with_source_and_decodes_with_target(flow_pair, label
     np.testing.assert_allclose(images, TO_IMAGES(reverse_apply(z, target)), rtol=0, atol=1e-6)
     same = one_nfe.class_edit(forward_apply, reverse_apply, x, labels, labels, patch_size=2)[0]
     assert np.max(np.abs(images - same)) > 1e-4
+
+
+def test_bound_models_compile_once_for_any_weights(model, teeth, params, z, labels):
+    """reverse_decoder / flow_encoder (the editing modes' G and F) take the weights as arguments of one
+    compiled program: a jitted closure would fold every weight into its executable as a constant and
+    compile again for each checkpoint. A second weight set: a different answer, no new executable."""
+    a = one_nfe.reverse_decoder(model, teeth, w_of(1.0))(z, labels)
+    compiled = one_nfe._decode._cache_size()
+    b = one_nfe.reverse_decoder(model, perturbed(params, 0.1, seed=3), w_of(1.0))(z, labels)
+    assert one_nfe._decode._cache_size() == compiled
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-3
+    flow = TARFlow(img_size=8, in_channels=1, patch_size=2, channels=32, num_blocks=B, layers_per_block=1,
+                   num_classes=K, head_dim=16)
+    x = jnp.zeros((N, 8, 8, 1))
+    shapes = jax.eval_shape(flow.init, jax.random.key(14), x, jnp.zeros((N,), jnp.int32))
+    zs = [one_nfe.flow_encoder(flow, perturbed(shapes, 0.05, seed=1))(x, labels)]
+    compiled = one_nfe._encode._cache_size()
+    zs.append(one_nfe.flow_encoder(flow, perturbed(shapes, 0.05, seed=2))(x, labels))
+    assert one_nfe._encode._cache_size() == compiled
+    assert float(jnp.max(jnp.abs(zs[0] - zs[1]))) > 1e-3
