@@ -13,7 +13,8 @@ system, and XLA compiles more slowly with every thread on one arena (the imagene
 train step under nn.scan: 5 -> 7.5 s). So it is applied only where XLA:CPU runs the steps:
 not when JAX_PLATFORMS names an accelerator or, without JAX_PLATFORMS, when a TPU or GPU
 plugin is installed and its device is present (device buffers never go through malloc there;
-libtpu alone, installed to compile for TPU slices on a CPU host, changes nothing). `BIFLOW_KEEP_HOST_MEMORY=0`
+libtpu alone, installed to compile for TPU slices on a CPU host, changes nothing), nor for the main
+tool's modes that run no step here (`process_settings.NO_STEPS`: compile, describe). `BIFLOW_KEEP_HOST_MEMORY=0`
 turns it off, `=1` forces it on. It acts only on glibc (Linux); elsewhere it does nothing.
 """
 

@@ -17,7 +17,9 @@ import glob
 import importlib
 import json
 import os
+import time
 
+import jax
 import numpy as np
 import pytest
 import walk_setup
@@ -158,21 +160,77 @@ def pixel_config(config):
     return out
 
 
-@pytest.mark.parametrize("name,variant", config_variants(), ids=lambda v: v or "default")
-def test_config_walks_end_to_end(name, variant, assets, tmp_path, monkeypatch):
+def load_real(name: str, variant: str):
+    return config_files.load(os.path.join(REPO, "configs", f"{name}.py") + (f":{variant}" if variant else ""))
+
+
+def shrunk(name: str, variant: str):
+    config = load_real(name, variant).copy_and_resolve_references()
+    shrink(config)
+    return config
+
+
+def walks() -> list:
+    """One walk per distinct shrunk config, its id naming every variant it stands for.
+
+    Variants that differ only in what `shrink` overrides and in learning rates (digits :full and :quick
+    differ in steps, batch and lr; latent :b2 and :xl2 in width and depth) run the same code on the same
+    shapes and data: walking the second would repeat the first, so the first walks both (each one's real
+    config is still described and checked). `parallel.topology` names the TPU slice `--mode=compile`
+    sizes for and changes nothing on the CPU.
+    """
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for name, variant in config_variants():
+        key = f"{name}:{variant}"
+        if not variant.startswith("<"):
+            config = shrunk(name, variant)
+            config.parallel.topology = ""
+            for optim in (config.optim, config.biflow.optim):
+                optim.update(lr=0.0, init_lr=0.0, end_lr=0.0)
+            key = config.to_json(sort_keys=True)
+        groups.setdefault(key, []).append((name, variant))
+    return [pytest.param(members, id="=".join(f"{n}-{v or 'default'}" for n, v in members))
+            for members in groups.values()]
+
+
+def once(fn, *args):
+    """compare.timed with one call (compile and run together): the walk checks that the comparison runs."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return np.asarray(out), time.perf_counter() - start
+
+
+def check_description(name: str, variant: str) -> None:
+    """The shrunk config's description keeps the real config's token grid, classes and dataset."""
+    from biflow_jax.modes import describe
+
+    real = load_real(name, variant)
+    described = describe.run(shrunk(name, variant))  # (tests/modes/test_describe.py describes the real sizes)
+    grid = real.model.img_size // real.model.patch_size
+    assert [s["token_grid"] for s in described["stages"]] == [[grid, grid]] * 2, (name, variant)
+    assert all(s["classes"] == real.model.num_classes for s in described["stages"]), (name, variant)
+    assert described["data"]["name"] == real.data.name
+    assert described["data"]["labelled"] == bool(real.model.num_classes)
+
+
+@pytest.mark.parametrize("members", walks())
+def test_config_walks_end_to_end(members, assets, tmp_path, monkeypatch):
     from biflow_jax.evaluators import ref_stats
-    from biflow_jax.modes import compare, describe, sample, train
+    from biflow_jax.modes import compare, sample, train
     from biflow_jax.modes import eval as eval_mode
     from biflow_jax.modes.export import export_workdir
 
-    assert not variant.startswith("<"), f"configs/{name}.py has no VARIANTS tuple: the walk cannot list its variants"
-    real = config_files.load(os.path.join(REPO, "configs", f"{name}.py") + (f":{variant}" if variant else ""))
-    config = real.copy_and_resolve_references()
-    shrink(config)
-    described = describe.run(config)  # (tests/modes/test_describe.py describes the real sizes)
+    for name, variant in members:
+        assert not variant.startswith("<"), (f"configs/{name}.py has no VARIANTS tuple: the walk cannot list its "
+                                             "variants")
+        check_description(name, variant)
+    config = shrunk(*members[0])
     monkeypatch.setattr(inception_features, "random_variables", cached_random_inception)  # drawn once
-    # The exact-vs-BiFlow comparison after stage 2 with 2 images per class instead of 30 (a sample count).
+    # The exact-vs-BiFlow comparison after stage 2 with 2 images per class instead of 30 (a sample count),
+    # each sampler run once: its timing is the benches' subject, not the walk's.
     monkeypatch.setattr(compare, "compare", functools.partial(compare.compare, per_class=2, grid_per_class=2))
+    monkeypatch.setattr(compare, "timed", once)
+    monkeypatch.setattr(compare, "latency_s", lambda fn, *args: once(fn, *args)[1])
     root = str(tmp_path)
     point_at_assets(config, assets, root)
     flow_dir, reverse_dir = os.path.join(root, "flow"), os.path.join(root, "biflow")
@@ -226,11 +284,6 @@ def test_config_walks_end_to_end(name, variant, assets, tmp_path, monkeypatch):
         exported = json.load(f)
     assert exported["num_classes"] == config.model.num_classes and exported["patch_size"] == config.model.patch_size
 
-    grid = real.model.img_size // real.model.patch_size
-    assert [s["token_grid"] for s in described["stages"]] == [[grid, grid]] * 2
-    assert all(s["classes"] == real.model.num_classes for s in described["stages"])
-    assert described["data"]["name"] == real.data.name
-    assert described["data"]["labelled"] == bool(real.model.num_classes)
     with np.load(os.path.join(reverse_dir, "samples", "exact_vs_biflow.npz")) as compared:
         assert len(compared["exact"]) == 2 * min(max(config.model.num_classes, 1), compare.MAX_CLASSES)
         assert compared["exact"].shape[1:] == (side, side, channels)

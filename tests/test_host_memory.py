@@ -88,3 +88,16 @@ def test_importing_the_library_leaves_malloc_and_the_environment_alone():
     assert kept == "False" and same_env == "True"
     assert first > 0
     assert second * 2 > first, f"importing biflow_jax changed malloc: {first} then {second} page faults"
+
+
+@pytest.mark.parametrize("argv, want", [(["--mode=compile"], "False"), (["--mode", "describe"], "False"),
+                                        (["--mode=train"], "True"), ([], "True")])
+def test_main_keeps_memory_only_for_modes_that_run_steps_here(argv, want):
+    """`--mode=compile` only compiles (for a TPU slice) and `describe` only traces: one malloc arena would
+    slow XLA's compiler threads and save nothing."""
+    code = ("import sys; sys.argv = ['main'] + sys.argv[1:]; import biflow_jax.cli.main; "
+            "from biflow_jax import host_memory; print(host_memory.kept())")
+    env = {**os.environ, "BIFLOW_KEEP_HOST_MEMORY": "", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=120,
+                         check=True).stdout.split()
+    assert out[-1] == want

@@ -27,7 +27,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from biflow_jax import process_settings  # noqa: E402
 
-process_settings.apply()  # process-wide, so here and not on import; before JAX runs anything
+process_settings.apply(sys.argv)  # process-wide, so here and not on import; before JAX runs anything
 
 from absl import app, flags, logging  # noqa: E402
 
