@@ -81,9 +81,9 @@ def compare(reverse_workdir: str, out_dir: str | None = None, per_class: int = 3
         # classes would be 30,000 exact-inverse samples in one batch.
         k = min(max(flow.num_classes, 1), MAX_CLASSES)
         shown_classes = np.linspace(0, flow.num_classes - 1, k).round().astype(np.int32) if flow.num_classes else None
-        labels = jnp.repeat(jnp.asarray(shown_classes), per_class) if flow.num_classes else None
+        labels = sample.placed(jnp.repeat(jnp.asarray(shown_classes), per_class) if flow.num_classes else None)
         n = k * per_class
-        z = jax.random.normal(jax.random.key(seed), (n, flow.num_tokens, flow.token_dim))
+        z = sample.placed(jax.random.normal(jax.random.key(seed), (n, flow.num_tokens, flow.token_dim)))
         settings = sample.sample_settings(config)
         guidance = sample.guidance_from_settings(settings)
         sigma = sample.denoise_sigma(run.flow.config, settings)

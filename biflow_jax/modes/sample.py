@@ -37,6 +37,19 @@ SAMPLERS = (*EXACT_SOLVERS, "biflow")
 MAX_GRID_COLUMNS = 16  # images per class row in the PNG (all of them are in the npz)
 MAX_GRID_IMAGES = 256  # an unconditional grid shows at most this many
 
+def over_local_devices() -> NamedSharding:
+    """The sample batch's placement: split over this process's devices (one mesh axis, 'batch')."""
+    return NamedSharding(Mesh(np.array(jax.local_devices()), ("batch",)), PartitionSpec("batch"))
+
+
+def placed(x: Any) -> Any:
+    """`x` split over this process's devices along its first axis when it divides evenly (as the sample
+    mode places its batches, so the same sampler call reuses one compiled program), else as it is."""
+    if x is None or len(x) % jax.local_device_count():
+        return x
+    return jax.device_put(x, over_local_devices())
+
+
 def sample_settings(config: Any) -> dict:
     """config.sample over configs/common.py's `sample` section (the section may be missing or partial)."""
     return config_files.section(config, "sample")
@@ -219,8 +232,7 @@ def run_sample(workdir: str, sampler: str | None = None, num_images: int | None 
         workdir_lock.check_writable(out_dir, "the samples folder")
         decoder = latent_space.load_decoder(config)
         devices = jax.local_devices()
-        mesh = Mesh(np.array(devices), ("batch",))
-        batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
+        batch_sharding = over_local_devices()
         per_step = min(int(settings["batch_size"]), num_images)
         per_step = -(-per_step // len(devices)) * len(devices)  # a multiple of the device count
 
