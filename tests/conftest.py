@@ -56,6 +56,17 @@ def repo_root() -> str:
     return REPO
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks into node ids
+def pytest_collection_modifyitems(config, items):
+    """Scheduling under `-n N --dist loadgroup` (setup.cfg): each module's tests share one worker, so a
+    module-scoped fixture (the multi-process runs of test_sharding, the trained runs of test_trainer)
+    is built once; a test marked `one_per_worker_slot` (each walk of tests/test_config_walk.py, a minute
+    or more apiece) is a group of its own, so the walks spread over the workers."""
+    for item in items:
+        own = item.get_closest_marker("one_per_worker_slot") is not None
+        item.add_marker(pytest.mark.xdist_group(item.nodeid if own else item.module.__name__))
+
+
 def pytest_unconfigure(config):
     """The run's first process removes the compilation cache it made (workers leave it to it)."""
     if os.environ.get("BIFLOW_TEST_OWNS_XLA_CACHE") == "1" and "PYTEST_XDIST_WORKER" not in os.environ:
