@@ -30,8 +30,8 @@ from helpers.paths import REPO
 from biflow_jax import config_files
 from biflow_jax.evaluators import inception_features
 
-# The walk takes 40-130 s per config on a 2-core CPU (about 13 minutes of one core for all of them, on
-# a Sapphire Rapids Xeon), more than the CI budget has beside the rest of the suite, so it runs when asked:
+# The walk takes 40-180 s per config on a 2-core CPU (13-20 minutes of one core for all of them on a
+# Sapphire Rapids Xeon), more than the CI budget has beside the rest of the suite, so it runs when asked:
 # BIFLOW_CONFIG_WALK=1 python -m pytest -q -n 2 tests/test_config_walk.py
 when_asked = pytest.mark.skipif(os.environ.get("BIFLOW_CONFIG_WALK") != "1",
                                 reason="the config walk runs with BIFLOW_CONFIG_WALK=1 (over the CI budget)")
