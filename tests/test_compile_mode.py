@@ -138,7 +138,7 @@ def test_libtpu_without_a_tpu_leaves_the_malloc_rule_to_the_cpu(monkeypatch):
 
 def test_batch_search_halves_to_the_largest_per_chip_batch_that_fits(monkeypatch):
     """On a chip shrunk to 3 MiB (the tiny step needs 2.7 MiB at 8 images a chip, 3.3 at 16): from a failed
-    64 the search names the first halving that fits, and the one before it was compiled and did not."""
+    32 the search names the first halving that fits, and the one before it was compiled and did not."""
     chip = tpu_slices.dataclasses.replace(tpu_slices.CHIPS["v5e"], usable_hbm=3 * 2**20)
     slice_ = tpu_slices.dataclasses.replace(tpu_slices.get("v5e:2x2"), chip=chip)
     mesh = sharding.make_mesh(slice_.devices)
@@ -151,8 +151,8 @@ def test_batch_search_halves_to_the_largest_per_chip_batch_that_fits(monkeypatch
         return result
 
     monkeypatch.setattr(compile_mode, "compile_one", recording)
-    failed = compile_mode.Result("flow", "train_step", 64, False, images=256)
-    (found,) = compile_mode.largest_batch(compile_config(batch=256), failed, mesh, slice_)
+    failed = compile_mode.Result("flow", "train_step", 32, False, images=128)
+    (found,) = compile_mode.largest_batch(compile_config(batch=128), failed, mesh, slice_)
     per_chip = int(re.match(r"(\d+) images a chip \(train\.batch_size=(\d+) on v5e:2x2", found).group(1))
     assert tried[-1] == (per_chip, True) and (2 * per_chip, False) in tried, tried
-    assert [b for b, _ in tried] == [32 // 2**i for i in range(len(tried))]  # halving from 64
+    assert [b for b, _ in tried] == [16 // 2**i for i in range(len(tried))]  # halving from 32
