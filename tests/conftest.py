@@ -29,12 +29,11 @@ if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not i
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="biflow-test-xla-cache-")
     os.environ["BIFLOW_TEST_OWNS_XLA_CACHE"] = "1"
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-# LLVM's backend optimisation off (-O0) for every process of the run: the suite is compile-bound,
-# and its tiny programs compile faster than they then run slower (tests/test_faults.py with
-# tests/objectives/test_perceptual.py: 140 s -> 118 s). Every comparison a test makes is between
-# programs compiled with the same flags; a test that needs other flags sets XLA_FLAGS itself.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# The suite's compile flags (-O0, classic fusion emitters: tests/helpers/compile_flags.py says why) for
+# every process of the run; a test that needs other flags sets XLA_FLAGS itself.
+from helpers.compile_flags import with_suite_flags  # noqa: E402
+
+os.environ["XLA_FLAGS"] = with_suite_flags(os.environ.get("XLA_FLAGS", ""))
 # torchvision's compiled detection operators do not load beside the CPU build of torch this
 # project pins, and transformers/diffusers import torchvision whenever it is installed; the
 # reference models need only its Python layers (see torch_reference.py).

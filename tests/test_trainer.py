@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers.compile_flags import host_devices
 from helpers.configs import quick_config
 from helpers.paths import REPO
 
@@ -83,8 +84,8 @@ def test_sigkill_then_rerun_resumes_to_identical_params(trained, tmp_path):
 
 
 def test_eight_devices_match_one_device():
-    # -O0: compile-bound, and both sides of the comparison are compiled with the same flags.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+    # The suite's compile flags: compile-bound, and both sides of the comparison are compiled with them.
+    env = dict(os.environ, XLA_FLAGS=host_devices(8))
     out = subprocess.run([sys.executable, "tests/multidevice_steps.py"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -15,6 +15,7 @@ import multiprocess_worker as worker
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers.compile_flags import host_devices
 from helpers.configs import quick_config
 from helpers.paths import REPO
 from PIL import Image
@@ -97,7 +98,7 @@ def free_port() -> int:
 def run_process_pair(root) -> list[dict]:
     """tests/multiprocess_worker.py `folder` in 2 gloo-connected processes; each one's JSON result."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
+               XLA_FLAGS=host_devices(1))
     port, logs, procs = str(free_port()), [], []
     try:
         for i in range(worker.PROCESSES):
