@@ -46,10 +46,7 @@ def start(devices: int, *args: str, default_emitters: bool = False) -> subproces
     """The suite's compile flags (these runs are compile-bound; every comparison is between runs made with
     the same flags). `default_emitters`: XLA's own fusion emitters, for the bitwise pmap == jit check: with
     the suite's classic emitters the two programs differ in the last bits (3e-8)."""
-    flags = host_devices(devices)
-    if default_emitters:
-        flags = flags.replace("--xla_cpu_use_fusion_emitters=false", "").strip()
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS=flags)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS=host_devices(devices, default_emitters))
     return subprocess.Popen([sys.executable, worker.__file__, *args], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

@@ -18,6 +18,8 @@ def with_suite_flags(flags: str = "") -> str:
     return flags
 
 
-def host_devices(count: int) -> str:
-    """XLA_FLAGS for a subprocess that simulates `count` CPU devices, compiled as the suite compiles."""
-    return with_suite_flags(f"--xla_force_host_platform_device_count={count}")
+def host_devices(count: int, default_emitters: bool = False) -> str:
+    """XLA_FLAGS for a subprocess that simulates `count` CPU devices, compiled as the suite compiles;
+    `default_emitters` keeps XLA's own fusion emitters (for a bitwise comparison made under them)."""
+    kept = [f for f in SUITE_FLAGS if not (default_emitters and f.startswith("--xla_cpu_use_fusion_emitters"))]
+    return " ".join([f"--xla_force_host_platform_device_count={count}", *kept])
