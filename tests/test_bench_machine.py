@@ -137,3 +137,22 @@ def test_the_calibrator_times_the_real_product_once_per_shape():
     assert result["gemms"]["float32"]["forward"][0]["m"] == 32 and result["rates"]["float32"]["forward"] > 0
     lines = calibration.calibration_lines({"forward": [g]}, result)
     assert lines[0].startswith("matmul rate for forward (1 GEMMs m x k x n: 32x16x48): float32 ")
+
+
+def test_a_gemm_pass_runs_the_same_products_on_both_sides_and_counts_its_flops():
+    gemms = [calibration.Gemm("up", 24, 16, 40), calibration.Gemm("dx", 24, 40, 16, "nt", count=2),
+             calibration.Gemm("dW", 16, 24, 40, "tn")]
+    ours, theirs = (calibration.GemmPass(gemms, side, target_s=1e-4) for side in ("xla", "torch"))
+    rng = np.random.default_rng(0)  # the seed both passes draw their operands from
+    for g, got_xla, got_torch in zip(gemms, ours.products(), theirs.products()):
+        a, b = (rng.standard_normal(shape, np.float32) for shape in g.operand_shapes())
+        lhs, rhs = {"nn": (a, b), "nt": (a, b.T), "tn": (a.T, b)}[g.layout]
+        want = lhs.astype(np.float64) @ rhs
+        assert got_xla.shape == got_torch.shape == (g.m, g.n)
+        np.testing.assert_allclose(got_xla, want, rtol=1e-4, atol=1e-4)  # float32 sums of <= 40 terms
+        np.testing.assert_allclose(got_torch, want, rtol=1e-4, atol=1e-4)
+    for p in (ours, theirs):
+        assert p.reps >= 1 and p.flops == p.reps * (g_flops := sum(g.flops * g.count for g in gemms))
+        assert g_flops == 2 * (24 * 16 * 40 + 2 * 24 * 40 * 16 + 16 * 24 * 40)
+    with pytest.raises(ValueError, match="side must be"):
+        calibration.GemmPass(gemms, "numpy")

@@ -161,3 +161,58 @@ def calibration_lines(parts: dict[str, list[Gemm]], calibration: dict[str, Any])
     lines.append(f"(jitted GEMMs timed in this run, {calibration['spent_s']:.1f} s; a FLOP/s figure's % is "
                  "of its part's rate)")
     return lines
+
+
+class GemmPass:
+    """A part's GEMMs as one timed task of a bench's interleaved rounds: each GEMM runs `reps`
+    times its `count`, so a round's matmul rate is measured beside the step it calibrates,
+    under the same load (a rate taken once, before or after the rounds, drifts with the host).
+
+    `side` "xla" runs our jitted products (`_looped`), "torch" runs torch.matmul on the same
+    shapes and layouts (torch's threads as the caller set them): the anchor's own GEMM rate, so
+    a step ratio between the two can be read against the ratio of what their matmuls reach.
+    """
+
+    def __init__(self, gemms: list[Gemm], side: str = "xla", dtype: str = "float32", target_s: float = 0.03,
+                 seed: int = 0):
+        if side not in ("xla", "torch"):
+            raise ValueError(f"side must be 'xla' or 'torch', got {side!r}")
+        self.gemms, self.side = gemms, side
+        rng = np.random.default_rng(seed)
+        self.operands = []
+        for g in gemms:
+            a, b = (rng.standard_normal(shape, np.float32) for shape in g.operand_shapes())
+            if side == "xla":
+                jdtype = jnp.dtype(dtype)
+                self.operands.append((_looped(g.layout, jdtype), jax.device_put(a.astype(jdtype)),
+                                      jax.device_put(b.astype(jdtype)), jax.device_put(np.zeros((g.m, g.n), jdtype))))
+            else:
+                import torch
+
+                product = {"nn": lambda a, b: a @ b, "nt": lambda a, b: a @ b.T, "tn": lambda a, b: a.T @ b}[g.layout]
+                self.operands.append((product, torch.from_numpy(a), torch.from_numpy(b), None))
+        self.reps = 1
+        self()  # compile (xla) / warm up (torch)
+        start = time.perf_counter()
+        self()
+        self.reps = max(1, math.ceil(target_s * len(gemms) / max(time.perf_counter() - start, 1e-7)))
+
+    @property
+    def flops(self) -> int:
+        """FLOPs of one call: every GEMM `reps` x `count` times."""
+        return self.reps * sum(g.flops * g.count for g in self.gemms)
+
+    def products(self) -> list[np.ndarray]:
+        """Each GEMM's product once, as numpy: the check that both sides compute the same thing."""
+        if self.side == "xla":
+            return [np.asarray(fn(a, b, out, 1)) for fn, a, b, out in self.operands]
+        return [fn(a, b).numpy() for fn, a, b, _ in self.operands]
+
+    def __call__(self) -> None:
+        for g, (fn, a, b, out) in zip(self.gemms, self.operands):
+            reps = self.reps * g.count
+            if self.side == "xla":
+                jax.block_until_ready(fn(a, b, out, reps))
+            else:
+                for _ in range(reps):
+                    fn(a, b)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -235,19 +236,29 @@ def run(args: argparse.Namespace) -> dict:
 
     for fn in tasks.values():  # compile / warm up
         fn()
-    rounds = interleaved_rounds(tasks, args.rounds, seed=args.seed,
-                                calls={name: args.train_steps for name in tasks if name.endswith("_train")})
-    seconds = medians(rounds)
     # This machine's own matmul rate at the step's GEMMs, so the FLOP/s carry to other machines:
     # train and forward over the N*T token rows; a decode step of the exact inverse over N rows (2N with CFG).
+    # Timed as tasks of the same interleaved rounds as the steps (ours, and with --reference torch's
+    # matmul on the same shapes), so a rate and the step it calibrates see the same load.
     rows, width = n * model.num_tokens, args.channels
     parts = {"train": calibration.layer_gemms(rows, width, backward=True),
              "forward": calibration.layer_gemms(rows, width),
              "sample": calibration.layer_gemms(n, width), "cfg": calibration.layer_gemms(2 * n, width)}
-    parts = {part: gemms for part, gemms in parts.items() if f"ours_{part}" in seconds}
+    parts = {part: gemms for part, gemms in parts.items() if f"ours_{part}" in tasks}
+    passes: dict[str, calibration.GemmPass] = {}
+    if args.calibration_s > 0:
+        for part, gemms in parts.items():
+            passes[f"ours_matmul_{part}"] = calibration.GemmPass(gemms, "xla", args.dtype, args.calibration_s)
+            if args.reference:
+                passes[f"torch_matmul_{part}"] = calibration.GemmPass(gemms, "torch", "float32", args.calibration_s)
+    rounds = interleaved_rounds({**tasks, **passes}, args.rounds, seed=args.seed,
+                                calls={name: args.train_steps for name in tasks if name.endswith("_train")})
+    seconds = medians(rounds)
+    matmul_rates = {name: fn.flops / seconds[name] for name, fn in passes.items()}
     calib = (calibration.calibrate(parts, sorted({"float32", args.dtype}), args.calibration_s)
              if args.calibration_s > 0 else None)
-    rate = {part: calib["rates"][args.dtype][part] if calib else math.nan for part in parts}
+    rate = {part: matmul_rates.get(f"ours_matmul_{part}", math.nan) for part in parts}
+    torch_rate = {part: matmul_rates.get(f"torch_matmul_{part}", math.nan) for part in parts}
 
     flops = {"train": train_flops, "forward": forward_flops, "sample": sample_flops, "cfg": cfg_flops}
     result: dict[str, Any] = {
@@ -256,8 +267,11 @@ def run(args: argparse.Namespace) -> dict:
         "params": count_params(params), "torch_threads": torch_threads, "reference": args.reference or None,
         "cfg_scale": args.guidance, "rounds": args.rounds, "peak_flop_per_s": peak,
         "host_memory_kept": host_memory.kept(), "calibration": calib,
+        "matmul_rate_in_rounds": {"ours": {part: rate[part] for part in parts},
+                                  "torch": {part: torch_rate[part] for part in parts} if args.reference else None},
     }
-    table = [("part", "ours s", "ours img/s", "ours FLOP/s", "torch s", "torch img/s", "ours/torch")]
+    table = [("part", "ours s", "ours img/s", "ours FLOP/s", "torch s", "torch FLOP/s", "ours/torch",
+              "paired")]
     for part in ("train", "forward", "sample", "cfg"):
         ours = seconds.get(f"ours_{part}")
         if ours is None:
@@ -268,12 +282,17 @@ def run(args: argparse.Namespace) -> dict:
         theirs = seconds.get(f"torch_{part}")
         row = [part, f"{ours:.4f}", f"{n / ours:.2f}", fmt_flops(flops[part] / ours, rate[part])]
         if theirs is not None:
+            # The same model FLOPs (XLA's count) on both sides; torch's % is of torch's own matmul rate.
+            paired = statistics.median(t / o for t, o in zip(rounds[f"torch_{part}"], rounds[f"ours_{part}"]))
             result[f"torch_{part}_s"] = theirs
             result[f"torch_{part}_images_per_s"] = n / theirs
+            result.update(throughput_fields(f"torch_{part}", flops[part], theirs, math.nan, torch_rate[part]))
             result[f"{part}_ratio"] = theirs / ours
-            row += [f"{theirs:.4f}", f"{n / theirs:.2f}", f"{theirs / ours:.2f}x"]
+            result[f"{part}_ratio_paired"] = paired
+            row += [f"{theirs:.4f}", fmt_flops(flops[part] / theirs, torch_rate[part]), f"{theirs / ours:.2f}x",
+                    f"{paired:.2f}x"]
         else:
-            row += ["-", "-", "-"]
+            row += ["-", "-", "-", "-"]
         table.append(tuple(row))
     result.update(parity)
     result["per_round_s"] = rounds
@@ -284,9 +303,19 @@ def run(args: argparse.Namespace) -> dict:
           f"{args.layers} layers, {args.classes} classes, batch {n}, {result['params']:,} params; "
           f"torch threads {torch_threads}; CFG scale {args.guidance}; medians of {args.rounds} interleaved rounds; "
           f"host malloc keeps freed memory (both sides, one process): {host_memory.kept()}")
-    if calib:
-        print("\n".join(calibration.calibration_lines(parts, calib)))
+    for part, gemms in parts.items():
+        if not math.isnan(rate[part]):
+            line = (f"matmul rate for {part} ({len(gemms)} GEMMs m x k x n: {calibration.describe(gemms)}), timed in "
+                    f"the rounds: ours (XLA) {rate[part] / 1e9:.1f} GFLOP/s")
+            if not math.isnan(torch_rate[part]):
+                ratio = torch_rate[part] / rate[part]
+                line += f", torch {torch_rate[part] / 1e9:.1f} GFLOP/s (torch/ours {ratio:.2f}x on the same GEMMs)"
+            print(line)
     print_table(table)
+    if args.reference:
+        print("ours/torch: ratio of the median seconds; paired: median over rounds of each round's ratio. "
+              "A FLOP/s % is of that side's own matmul rate in the rounds, so the two sides' %s compare "
+              "how much of its machine's matmul speed each step reaches")
     if parity:
         print("same weights, ours vs torch: " + ", ".join(f"{k} {v:.2e}" for k, v in parity.items()))
     if math.isnan(peak):
