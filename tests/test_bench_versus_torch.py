@@ -21,6 +21,7 @@ def test_two_cpu_devices_split_the_batch_and_report_it():
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["devices"] == 2 and result["machine"]["device_count"] == 2
+    assert result["ours_compiler_options"] == {"xla_cpu_multi_thread_eigen": False}  # one program per core
     assert "cpu x2 (our batch split over them)" in out.stdout
     assert result["ours_train_s"] > 0 and result["ours_forward_s"] > 0
 

@@ -37,6 +37,13 @@ from biflow_jax.models.param_trees import count_params
 from biflow_jax.models.tarflow import TARFlow, build_flow
 from biflow_jax.samplers import exact_inverse
 
+# With the batch split over one CPU device per core, each device's program runs its Eigen contractions
+# (the kernel gradients and attention's transposed batched dots, which XLA keeps out of YNNPACK) on its
+# own thread instead of handing them to the intra-op pool the other device's program is using. On a
+# 2-core Sapphire Rapids Xeon the split step was 1.13x the one-device step with the pool, 1.20x without
+# it (paired rounds; docs/tarflow.md).
+ONE_PROGRAM_PER_CORE = {"xla_cpu_multi_thread_eigen": False}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", default="",
@@ -71,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu_devices", type=int, default=1,
                         help="split our side's batch over this many CPU devices of this host (jax_num_cpu_devices), "
                              "params replicated: XLA:CPU runs a batched dot, such as attention's, on one thread, "
-                             "and one program per device keeps every core busy (0: one per core)")
+                             "and one program per device keeps every core busy; each device's Eigen dots then run "
+                             "single-threaded (0: one per core)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -149,7 +157,9 @@ def run(args: argparse.Namespace) -> dict:
         images, z = jax.device_put(images, split), jax.device_put(z, split)
         labels = None if labels is None else jax.device_put(labels, split)
         step = jax.jit(lambda p, o, x, y: nll_step.nll_step(model, optimizer, p, o, x, y), donate_argnums=(0, 1),
-                       out_shardings=replicated)  # the next step's inputs as this one's: one compiled program
+                       out_shardings=replicated,  # the next step's inputs as this one's: one compiled program
+                       compiler_options=ONE_PROGRAM_PER_CORE)
+        forward = jax.jit(lambda p, x, y: model.apply(p, x, y).z, compiler_options=ONE_PROGRAM_PER_CORE)
 
     def ours_train():
         for _ in range(args.train_steps):
@@ -267,6 +277,7 @@ def run(args: argparse.Namespace) -> dict:
         "params": count_params(params), "torch_threads": torch_threads, "reference": args.reference or None,
         "cfg_scale": args.guidance, "rounds": args.rounds, "peak_flop_per_s": peak,
         "host_memory_kept": host_memory.kept(), "calibration": calib,
+        "ours_compiler_options": ONE_PROGRAM_PER_CORE if cpu_devices > 1 else {},
         "matmul_rate_in_rounds": {"ours": {part: rate[part] for part in parts},
                                   "torch": {part: torch_rate[part] for part in parts} if args.reference else None},
     }
