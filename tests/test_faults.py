@@ -243,8 +243,9 @@ def test_full_disk_stops_at_the_failing_save_naming_the_last_good_step(base_run,
         subprocess.run(["umount", disk], capture_output=True)
 
 
-@pytest.mark.parametrize("content", [b"", os.urandom(4096), b"\x80\x02garbage that is not a pickle"],
-                         ids=["empty", "random", "bad_pickle"])
+@pytest.mark.parametrize("content", [b"", os.urandom(4096), b"\x80\x02garbage that is not a pickle",
+                                     b"\x80\x04" + b"\xd5" * 64],
+                         ids=["empty", "random", "bad_pickle", "protocol_4_garbage"])
 def test_import_torch_says_one_clean_line_for_non_checkpoint_files(tmp_path, content):
     path = tmp_path / "weights.pth"
     path.write_bytes(content)

@@ -9,6 +9,7 @@ offending key with both shapes. torch is imported only for .bin/.pth files.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -86,15 +87,28 @@ def torch_to_numpy(value: Any, key: str, source: Path | str) -> np.ndarray:
     return value.numpy()
 
 
+def torch_load_tensors(path: Path | str) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU, with torch's warnings about what it read (such as
+    an unusual pickle protocol) kept back while it reads: re-issued if the load succeeds, dropped if it
+    fails, where the caller's one-line error says why (a warning line would come before it)."""
+    import torch  # lazy
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return loaded
+
+
 def read_torch_file(path: Path | str) -> dict[str, np.ndarray]:
     """A torch.save'd state_dict (.pth/.bin), loaded with weights_only=True (no pickled code)."""
-    import torch  # lazy
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load_tensors(path)
     except Exception as e:  # torch raises several kinds for non-checkpoint bytes
         raise ValueError(f"{path} is not a readable PyTorch state_dict ({torch_load_reason(e)})") from None
     if not isinstance(state, Mapping):

@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 
 from biflow_jax import runs
-from biflow_jax.interop.state_dicts import check_finite, to_numpy, torch_load_reason, unwrap_state_dict
+from biflow_jax.interop.state_dicts import (
+    check_finite,
+    to_numpy,
+    torch_load_reason,
+    torch_load_tensors,
+    unwrap_state_dict,
+)
 from biflow_jax.interop.tarflow_layout import ml_tarflow_lacks, state_dict_to_flow_params
 from biflow_jax.models import registry
 
@@ -24,7 +30,6 @@ ZIP_MAGIC, PICKLE_PROTO = b"PK\x03\x04", b"\x80"  # torch.save's zip format; the
 
 def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
     """torch.load a .pth file (tensors only, on CPU) and return its state_dict as numpy."""
-    import torch  # the import path is the one place outside biflow_jax.torch that needs it
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such checkpoint file: {path}")
@@ -35,7 +40,7 @@ def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
     if head != ZIP_MAGIC and head[:1] != PICKLE_PROTO:
         raise ValueError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch_load_tensors(path)
     except Exception as err:  # noqa: BLE001  torch raises several kinds for damaged or non-tensor files
         raise ValueError(f"could not load {path} as a tensors-only checkpoint: {torch_load_reason(err)}") from None
     state = {name: to_numpy(value) for name, value in unwrap_state_dict(checkpoint).items()}
