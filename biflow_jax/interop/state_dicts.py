@@ -103,7 +103,6 @@ def torch_load_tensors(path: Path | str) -> Any:
 
 def read_torch_file(path: Path | str) -> dict[str, np.ndarray]:
     """A torch.save'd state_dict (.pth/.bin), loaded with weights_only=True (no pickled code)."""
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")

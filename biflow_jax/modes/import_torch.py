@@ -30,7 +30,6 @@ ZIP_MAGIC, PICKLE_PROTO = b"PK\x03\x04", b"\x80"  # torch.save's zip format; the
 
 def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
     """torch.load a .pth file (tensors only, on CPU) and return its state_dict as numpy."""
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such checkpoint file: {path}")
     with open(path, "rb") as f:
