@@ -156,3 +156,23 @@ def test_a_gemm_pass_runs_the_same_products_on_both_sides_and_counts_its_flops()
         assert g_flops == 2 * (24 * 16 * 40 + 2 * 24 * 40 * 16 + 16 * 24 * 40)
     with pytest.raises(ValueError, match="side must be"):
         calibration.GemmPass(gemms, "numpy")
+
+
+def test_threads_and_devices_are_sized_to_the_cores_this_process_may_use(monkeypatch):
+    """A container or `taskset` may give the process 3 of a 64-CPU host: torch's threads and `--cpu_devices=0`
+    follow the affinity mask, not `os.cpu_count()`, and the machine record's cores say the same."""
+    import argparse
+
+    from biflow_jax.benches import versus_torch
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 9}, raising=False)
+    assert machine.usable_cores() == 3
+    assert versus_torch.cpu_device_count(argparse.Namespace(cpu_devices=0, batch=6)) == 3
+    assert versus_torch.cpu_device_count(argparse.Namespace(cpu_devices=2, batch=6)) == 2
+    with pytest.raises(ValueError, match="--batch=8 does not split over --cpu_devices=3"):
+        versus_torch.cpu_device_count(argparse.Namespace(cpu_devices=0, batch=8))
+    record = machine.machine_record()
+    assert record["cores"] == 3 and record["logical_cpus"] == 64
+    monkeypatch.delattr(os, "sched_getaffinity")  # a platform without affinity masks: the host's count
+    assert machine.usable_cores() == 64

@@ -110,6 +110,14 @@ def xla_pool_threads() -> int | None:
     return count or None
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's, taskset's or Slurm's share of
+    the host), which is what threads and devices should be sized to; `os.cpu_count()` counts the host's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def machine_record() -> dict[str, Any]:
     """CPU identity, flags, cores, caches, threads, package versions and the JAX devices of this process."""
     devices = jax.devices()  # starts the backend first, so XLA's thread pool exists to be counted
@@ -119,7 +127,7 @@ def machine_record() -> dict[str, Any]:
     except OSError:
         record = parse_cpuinfo("")
     record.update(cache_sizes())
-    record["cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    record["cores"] = usable_cores()
     record["logical_cpus"] = os.cpu_count()
     record["xla_threads"] = xla_pool_threads()
     torch = sys.modules.get("torch")  # only a bench that already uses torch has torch threads to report

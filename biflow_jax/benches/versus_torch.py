@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from biflow_jax import host_memory
 from biflow_jax.benches import calibration, nll_step
+from biflow_jax.benches.machine import usable_cores
 from biflow_jax.benches.random_flow import perturb_proj_out
 from biflow_jax.benches.timing import (
     compiled_flops,
@@ -64,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="our KV-cache dtype when sampling ('' = the compute dtype)")
     parser.add_argument("--scan_layers", action="store_true", help="our layers under nn.scan")
     parser.add_argument("--remat", default="none", help="our remat policy: none | full | dots")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core, os.cpu_count())")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core this process may use)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds; figures are medians")
     parser.add_argument("--train_steps", type=int, default=2, help="train steps per timed round")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: train,forward,sample,cfg")
@@ -79,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="split our side's batch over this many CPU devices of this host (jax_num_cpu_devices), "
                              "params replicated: XLA:CPU runs a batched dot, such as attention's, on one thread, "
                              "and one program per device keeps every core busy; each device's Eigen dots then run "
-                             "single-threaded (0: one per core)")
+                             "single-threaded (0: one per core this process may use)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -97,7 +98,7 @@ def load_reference(folder: str):
 
 
 def cpu_device_count(args: argparse.Namespace) -> int:
-    count = args.cpu_devices or os.cpu_count() or 1
+    count = args.cpu_devices or usable_cores()
     if args.batch % count:
         raise ValueError(f"--batch={args.batch} does not split over --cpu_devices={count}")
     return count
@@ -188,7 +189,7 @@ def run(args: argparse.Namespace) -> dict:
         from biflow_jax.interop.tarflow_layout import flow_params_to_state_dict
 
         reference = load_reference(args.reference)
-        torch_threads = args.threads or os.cpu_count()
+        torch_threads = args.threads or usable_cores()
         torch.set_num_threads(torch_threads)
         if args.head_dim != 64 or args.dtype != "float32":
             raise ValueError("the reference Model has head_dim 64 and float32 weights: use --head_dim=64 "
