@@ -159,8 +159,9 @@ def test_a_gemm_pass_runs_the_same_products_on_both_sides_and_counts_its_flops()
 
 
 def test_threads_and_devices_are_sized_to_the_cores_this_process_may_use(monkeypatch):
-    """A container or `taskset` may give the process 3 of a 64-CPU host: torch's threads and `--cpu_devices=0`
-    follow the affinity mask, not `os.cpu_count()`, and the machine record's cores say the same."""
+    """A container or `taskset` may give the process 3 of a 64-CPU host: `usable_cores` (which versus_torch
+    also sizes torch's default thread count by) and `--cpu_devices=0` follow the affinity mask, not
+    `os.cpu_count()`, and the machine record's cores say the same."""
     import argparse
 
     from biflow_jax.benches import versus_torch
